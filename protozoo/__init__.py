@@ -1,0 +1,20 @@
+"""protozoo: an interpretable-by-design model zoo for PyTorch.
+
+>>> import protozoo
+>>> model = protozoo.create_model("cam", backbone="tiny_cnn", num_classes=5)
+>>> out = model(images)          # a dataclass: out.logits, out.cams, out.stride
+>>> protozoo.save(model, "runs/my-cam")
+>>> same = protozoo.load("runs/my-cam")
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from . import models  # noqa: E402,F401  (registers the model families)
+from .backbones import create_backbone, list_backbones  # noqa: E402
+from .checkpoint import load, save  # noqa: E402
+from .errors import CheckpointError, DataError, UserError  # noqa: E402
+from .registry import create_model, list_models, register_model  # noqa: E402
+
+__all__ = ["create_model", "list_models", "register_model", "create_backbone", "list_backbones",
+           "save", "load", "UserError", "DataError", "CheckpointError", "__version__"]

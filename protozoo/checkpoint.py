@@ -1,0 +1,129 @@
+"""Checkpoints: a directory with ``model.safetensors`` and ``config.json``. Loading never unpickles.
+
+``config.json`` holds everything that rebuilds the model: the registered model name, its
+constructor arguments, class names, input normalisation and size, free-form metadata (e.g.
+ProtoPNet's push provenance), the format version, and the SHA-256 of the weights file. Each file is
+written atomically (weights first, config last), and loading checks the hash, so an interrupted
+save is reported instead of silently mixing two versions.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError
+from .fileio import atomic_path, atomic_write_text
+
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save(model, run_dir: str | os.PathLike, image_size: int | None = None) -> Path:
+    """Write ``model`` to ``run_dir`` (created if needed); returns the directory."""
+    from safetensors.torch import save_file
+
+    from . import __version__
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # clone: safetensors refuses tensors that share storage (tied or sliced parameters).
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    with atomic_path(run_dir / WEIGHTS) as tmp:
+        save_file(state, str(tmp), metadata={"format_version": str(FORMAT_VERSION)})
+        digest = _sha256(tmp)
+    config = {
+        "format_version": FORMAT_VERSION,
+        "protozoo_version": __version__,
+        "model": model.model_name,
+        "kwargs": model.config(),
+        "class_names": list(model.class_names),
+        "normalization": {"mean": list(model.mean), "std": list(model.std)},
+        "image_size": image_size if image_size is not None else model.metadata.get("image_size"),
+        "metadata": model.metadata,
+        "weights_sha256": digest,
+    }
+    atomic_write_text(run_dir / CONFIG, json.dumps(config, indent=2))
+    return run_dir
+
+
+def read_config(run_dir: str | os.PathLike) -> dict:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"checkpoint folder '{run_dir}' not found; pass a run directory "
+                              "written by train.py or protozoo.save")
+    path = run_dir / CONFIG
+    if not path.is_file():
+        raise CheckpointError(f"'{run_dir}' has no {CONFIG}: it is not a protozoo checkpoint (or "
+                              "training has not finished its first epoch yet)")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise CheckpointError(f"'{path}' is not valid JSON; restore it from the run or re-save "
+                              "the model") from None
+    version = config.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"'{path}' has format version {version}, this protozoo reads "
+                              f"version {FORMAT_VERSION}; use a matching protozoo release")
+    return config
+
+
+def load(run_dir: str | os.PathLike, device: str | torch.device = "cpu"):
+    """Rebuild a model from a checkpoint directory alone (no pickle), in eval mode."""
+    from safetensors.torch import load_file
+
+    from .registry import create_model
+
+    run_dir = Path(run_dir)
+    config = read_config(run_dir)
+    weights = run_dir / WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"'{run_dir}' has {CONFIG} but no {WEIGHTS}; the checkpoint is "
+                              "incomplete, re-save the model")
+    if config.get("weights_sha256") and _sha256(weights) != config["weights_sha256"]:
+        raise CheckpointError(f"'{weights}' does not match its {CONFIG} (a save was interrupted "
+                              "or a file was replaced); re-save, or resume the run with --resume")
+    kwargs = dict(config["kwargs"])
+    if "pretrained" in kwargs:
+        kwargs["pretrained"] = False  # the weights come from the checkpoint, never the network
+    model = create_model(config["model"], **kwargs)
+    model.init_kwargs = {k: v for k, v in config["kwargs"].items() if k != "class_names"}
+    model.class_names = list(config["class_names"])
+    model.metadata = dict(config.get("metadata") or {})
+    load_state(model, load_file(str(weights)), source=str(weights))
+    return model.to(device).eval()
+
+
+def load_state(model, state: dict, source: str) -> None:
+    """``load_state_dict`` with a one-line error naming what does not match."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if shapes:
+            k = shapes[0]
+            parts.append(f"{len(shapes)} with other shapes (e.g. {k}: checkpoint "
+                         f"{tuple(state[k].shape)} vs model {tuple(own[k].shape)})")
+        raise CheckpointError(f"checkpoint '{source}' does not match model "
+                              f"'{getattr(model, 'model_name', type(model).__name__)}': "
+                              f"{'; '.join(parts)}; build the model with the checkpoint's "
+                              "config.json (protozoo.load) or pick the right run directory")
+    model.load_state_dict(state)

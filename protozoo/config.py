@@ -1,0 +1,98 @@
+"""Dataclass configs: what a training run is (``TrainConfig``) and what a training phase is.
+
+A run is resolved from, in increasing priority: the dataclass defaults, a YAML file
+(``--config``), then command-line flags. The resolved config is saved in the run directory as
+``train_config.json`` so a run can be resumed or reproduced from it alone.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+
+@dataclass
+class Phase:
+    """One training phase, as data, so one engine loop serves every family.
+
+    ``lrs`` maps the model's parameter groups (``model.param_groups()``) to learning rates; groups
+    not named are frozen. A phase with ``action`` set (``"push"``, ``"prune"``) trains nothing: the
+    engine calls ``model.actions()[action](context)`` once and logs what it returns.
+    """
+
+    name: str
+    epochs: int = 0
+    lrs: dict[str, float] = field(default_factory=dict)
+    loss_weights: dict[str, float] = field(default_factory=dict)
+    action: str | None = None
+    weight_decay: float = 0.0
+    schedule: str = "constant"  # "constant" or "cosine" (over the phase's epochs)
+
+
+@dataclass
+class TrainConfig:
+    model: str = "protopnet"
+    backbone: str = "tiny_cnn"
+    pretrained: Any = False  # False, True (timm weights) or a path to a weights file
+    stage: int = -1
+    model_args: dict[str, Any] = field(default_factory=dict)
+    dataset: str = "synthetic-parts"
+    data_dir: str | None = None
+    cache_dir: str | None = None
+    image_size: int | None = None
+    num_classes: int | None = None
+    num_train: int | None = None
+    num_test: int | None = None
+    val_fraction: float = 0.1
+    augment: bool = False
+    epochs: int | None = None  # None: the family's default schedule for this dataset
+    batch_size: int = 64
+    lr: float | None = None  # None: the family's default learning rates
+    weight_decay: float = 0.0
+    loss_weights: dict[str, float] = field(default_factory=dict)
+    device: str = "auto"
+    amp: str = "auto"  # auto (bf16/fp16 on GPU, off on CPU), off, bf16, fp16
+    channels_last: bool = False
+    seed: int = 0
+    workers: int = 0
+    out: str | None = None
+    report: bool = True
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "config") -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UserError(f"unknown key(s) {', '.join(unknown)} in {source}; valid keys: "
+                            f"{', '.join(sorted(known))}")
+        return cls(**values)
+
+    def save(self, path: Path) -> None:
+        from .fileio import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2))
+
+
+def read_yaml(path: str) -> dict:
+    """Read a YAML config file into a dict, with one-line errors for the usual mistakes."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file '{path}' not found; pass an existing YAML file to --config")
+    try:
+        values = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        where = f" (line {line + 1})" if line is not None else ""
+        raise UserError(f"config file '{path}' is not valid YAML{where}; fix the syntax") from None
+    if not isinstance(values, dict):
+        raise UserError(f"config file '{path}' must hold a mapping of option: value")
+    return {k.replace("-", "_"): v for k, v in values.items()}

@@ -1,0 +1,60 @@
+"""Spatial-map utilities shared by every family: upsampling and boxes from maps.
+
+Pure functions on tensors/arrays so that metrics, push provenance and reports agree exactly on
+what "the box of a map" means.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+
+def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinearly upsample ``[B, K, h, w]`` maps to ``size = (H, W)`` (Zhou et al.'s CAM step)."""
+    return F.interpolate(maps.float(), size=size, mode="bilinear", align_corners=False)
+
+
+def bbox_of(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    """``(x0, y0, x1, y1)`` (exclusive end) of the True pixels of a 2-D mask, None if empty."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    if len(rows) == 0:
+        return None
+    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+
+
+def threshold_box(heatmap: np.ndarray, fraction: float = 0.2) -> tuple[int, int, int, int]:
+    """Zhou et al.'s localisation rule: keep pixels >= ``fraction`` x the map's maximum, take the
+    largest connected component and return its bounding box.
+
+    A map that is constant or has no positive maximum gives the whole image.
+    """
+    heatmap = np.asarray(heatmap, dtype=np.float64)
+    peak = heatmap.max()
+    full = (0, 0, heatmap.shape[1], heatmap.shape[0])
+    if not np.isfinite(peak) or peak <= 0 or np.allclose(heatmap, peak):
+        return full
+    labels, count = ndimage.label(heatmap >= fraction * peak)
+    if count == 0:
+        return full
+    sizes = np.bincount(labels.ravel())[1:]
+    return bbox_of(labels == (1 + int(np.argmax(sizes)))) or full
+
+
+def percentile_box(heatmap: np.ndarray, percentile: float = 95.0) -> tuple[int, int, int, int]:
+    """ProtoPNet's high-activation box: all pixels at or above the map's ``percentile``-th
+    percentile and their bounding box (Chen et al. 2019, official ``find_high_activation_crop``)."""
+    heatmap = np.asarray(heatmap)
+    return bbox_of(heatmap >= np.percentile(heatmap, percentile)) or (
+        0, 0, heatmap.shape[1], heatmap.shape[0])
+
+
+def box_iou(a, b) -> float:
+    """IoU of two ``(x0, y0, x1, y1)`` boxes with exclusive ends."""
+    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0

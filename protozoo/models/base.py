@@ -1,0 +1,96 @@
+"""The base class every zoo model derives from: what the engine, checkpoints and reports rely on.
+
+A family overrides only what differs from a plain image classifier: its ``forward`` (returning a
+dataclass from :mod:`protozoo.outputs`), ``objective`` (its loss terms), ``param_groups`` and
+``phases`` (its training schedule as data), and optionally ``actions`` (steps like ProtoPNet's push
+that run between phases) and ``inputs`` (VQA models also take a question).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .. import losses
+from ..backbones import Backbone, create_backbone
+from ..config import Phase, TrainConfig
+
+
+class ZooModel(nn.Module):
+    """Backbone + family head. Subclasses build ``self.backbone`` through :meth:`_init_backbone`."""
+
+    model_name: str = ""
+    init_kwargs: dict = {}
+
+    def _init_backbone(self, backbone: str, pretrained, stage: int,
+                       num_classes: int | None, class_names: list[str] | None) -> Backbone:
+        if class_names is not None and num_classes is not None and len(class_names) != num_classes:
+            raise ValueError(f"num_classes={num_classes} but {len(class_names)} class_names given")
+        if num_classes is None:
+            if class_names is None:
+                raise ValueError("give num_classes or class_names")
+            num_classes = len(class_names)
+        self.num_classes = int(num_classes)
+        self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
+        self.backbone = create_backbone(backbone, pretrained=pretrained, stage=stage)
+        # Free-form JSON metadata saved with the checkpoint (e.g. ProtoPNet's push provenance).
+        self.metadata: dict = {}
+        return self.backbone
+
+    # ---------------------------------------------------------------- what checkpoints store
+    def config(self) -> dict:
+        """Constructor keyword arguments that rebuild this model (weights aside)."""
+        return {**self.init_kwargs, "class_names": self.class_names}
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return self.backbone.mean
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return self.backbone.std
+
+    @property
+    def stride(self) -> int:
+        return self.backbone.stride
+
+    # ---------------------------------------------------------------- what the engine calls
+    def inputs(self, batch: dict) -> tuple:
+        """The positional arguments of ``forward`` taken from a data batch."""
+        return (batch["image"],)
+
+    def objective(self, output, batch: dict, **weights: float) -> dict[str, torch.Tensor]:
+        """Loss terms; key ``"loss"`` is the total that is optimised, the rest are logged."""
+        ce = losses.cross_entropy(output.logits, batch["label"])
+        return {"loss": ce, "cross_entropy": ce}
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        backbone = list(self.backbone.parameters())
+        ids = {id(p) for p in backbone}
+        return {"backbone": backbone, "head": [p for p in self.parameters() if id(p) not in ids]}
+
+    def phases(self, cfg: TrainConfig) -> list[Phase]:
+        """Default schedule: one phase training everything at ``cfg.lr``."""
+        lr = cfg.lr if cfg.lr is not None else 1e-3
+        epochs = cfg.epochs if cfg.epochs is not None else 10
+        return [Phase("train", epochs, {g: lr for g in self.param_groups()},
+                      weight_decay=cfg.weight_decay, schedule="cosine")]
+
+    def actions(self) -> dict[str, Callable]:
+        return {}
+
+    def logits_view(self) -> nn.Module:
+        """A module whose forward returns the logits tensor only (for Grad-CAM, Captum, ...)."""
+        return LogitsView(self)
+
+
+class LogitsView(nn.Module):
+    """Wraps a zoo model so ``forward`` returns ``model(...).logits``; shares its parameters."""
+
+    def __init__(self, model: ZooModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        return self.model(*args, **kwargs).logits

@@ -1,0 +1,46 @@
+"""GAP / CAM network (Zhou et al., "Learning Deep Features for Discriminative Localization",
+CVPR 2016).
+
+backbone -> optional 3x3 conv (the paper adds one, 1024 channels, before GAP for VGG/AlexNet/
+GoogLeNet) -> global average pooling -> linear. The class activation map of class k is
+``M_k(x, y) = sum_c w_kc f_c(x, y)``, so ``mean_xy M_k + b_k`` equals the logit of class k. The
+maps of *all* classes come out of the forward pass as one batched contraction (no hooks).
+
+Localisation follows the paper: upsample the map bilinearly to the image, keep pixels above 20%
+of its maximum, take the largest connected component and its bounding box
+(:func:`protozoo.maps.threshold_box`).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..outputs import CAMOutput
+from ..registry import register_model
+from .base import ZooModel
+
+
+@register_model("cam")
+class CAMNet(ZooModel):
+    def __init__(self, backbone: str = "tiny_cnn", num_classes: int | None = None,
+                 pretrained=False, stage: int = -1, extra_conv: int = 0,
+                 class_names: list[str] | None = None):
+        """
+        Args:
+            extra_conv: channels of the extra 3x3 conv + ReLU before GAP (Zhou et al. use 1024 on
+                VGG); 0 (default) feeds the backbone's map to GAP directly.
+        """
+        super().__init__()
+        bb = self._init_backbone(backbone, pretrained, stage, num_classes, class_names)
+        channels = bb.channels
+        self.extra = nn.Identity()
+        if extra_conv:
+            self.extra = nn.Sequential(nn.Conv2d(channels, extra_conv, 3, padding=1), nn.ReLU())
+            channels = extra_conv
+        self.fc = nn.Linear(channels, self.num_classes)
+
+    def forward(self, x: torch.Tensor) -> CAMOutput:
+        features = self.extra(self.backbone(x))
+        logits = self.fc(features.mean(dim=(2, 3)))
+        cams = torch.einsum("kc,bchw->bkhw", self.fc.weight.to(features.dtype), features)
+        return CAMOutput(logits=logits, stride=self.stride, features=features, cams=cams)

@@ -1,0 +1,87 @@
+"""Name -> constructor registries for models and backbones.
+
+Following timm's ``_registry.py``: a registry is a dict plus a decorator, and creating an object
+only looks its name up and dispatches. Registering a name twice is an error (as in torchvision's
+``models/_api.py``), and an unknown name raises a :class:`~protozoo.errors.UserError` that lists the
+closest registered names.
+"""
+from __future__ import annotations
+
+import difflib
+from typing import Callable, Iterable, TypeVar
+
+from .errors import UserError
+
+F = TypeVar("F", bound=Callable)
+
+
+def unknown_name_error(kind: str, name: str, choices: Iterable[str], hint: str = "") -> UserError:
+    """Build the one-line error for an unknown ``name`` of ``kind``, naming close matches."""
+    choices = sorted(set(choices))
+    close = difflib.get_close_matches(name, choices, n=5, cutoff=0.5)
+    if close:
+        listing = f"did you mean {', '.join(close)}?"
+    elif len(choices) <= 12:
+        listing = f"choose one of: {', '.join(choices)}"
+    else:
+        listing = f"see protozoo.list_{kind}s() for the {len(choices)} names"
+    return UserError(f"unknown {kind} '{name}': {listing}{hint}")
+
+
+class Registry:
+    """A named table of constructors; ``kind`` ("model", "backbone") appears in error messages."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._entries: dict[str, Callable] = {}
+
+    def register(self, name: str) -> Callable[[F], F]:
+        """Decorator registering ``fn`` under ``name``; a second registration of a name raises."""
+
+        def decorator(fn: F) -> F:
+            if name in self._entries:
+                raise ValueError(f"{self.kind} '{name}' is already registered "
+                                 f"(by {self._entries[name].__module__}); pick another name")
+            self._entries[name] = fn
+            return fn
+
+        return decorator
+
+    def get(self, name: str) -> Callable:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise unknown_name_error(self.kind, name, self._entries) from None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+
+MODELS = Registry("model")
+
+
+def register_model(name: str) -> Callable[[F], F]:
+    """Register a model constructor; it must accept only JSON-serialisable keyword arguments."""
+    return MODELS.register(name)
+
+
+def create_model(name: str, **kwargs):
+    """Build a registered model by name.
+
+    The keyword arguments are recorded on the model (``model.model_name``, ``model.init_kwargs``)
+    so that :func:`protozoo.save` can rebuild it from the checkpoint alone (nanoGPT's rule: a
+    checkpoint carries the arguments that rebuild its model).
+    """
+    model = MODELS.get(name)(**kwargs)
+    model.model_name = name
+    model.init_kwargs = dict(kwargs)
+    return model
+
+
+def list_models() -> list[str]:
+    from . import models  # noqa: F401  (importing the families registers them)
+
+    return MODELS.names()
