@@ -301,3 +301,16 @@ def output_size(size: int, stride: int) -> int:
 
 __all__ = ["Backbone", "Geometry", "create_backbone", "list_backbones", "measure_geometry",
            "IMAGENET_MEAN", "IMAGENET_STD"]
+
+
+def backbone_normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) a backbone expects, without building it (data is prepared before the model)."""
+    if name in BUILTIN:
+        return IMAGENET_MEAN, IMAGENET_STD
+    if name not in _timm_names():
+        raise unknown_name_error("backbone", name, list_backbones())
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(name) if hasattr(timm.models, "get_pretrained_cfg") else None
+    cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else (cfg or {})
+    return tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))

@@ -17,3 +17,18 @@ class CheckpointError(UserError):
 
 class DataError(UserError):
     """A data folder, image or annotation file is missing, empty or unreadable."""
+
+
+def run_cli(main, argv=None) -> int:
+    """Run a command-line ``main``; a UserError becomes one line on stderr and exit status 2."""
+    import sys
+
+    try:
+        return main(argv) or 0
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: the last completed epoch is saved; continue with --resume RUN_DIR",
+              file=sys.stderr)
+        return 130

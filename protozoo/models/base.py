@@ -80,6 +80,11 @@ class ZooModel(nn.Module):
     def actions(self) -> dict[str, Callable]:
         return {}
 
+    def explanation_metrics(self, output, batch: dict) -> dict[str, torch.Tensor]:
+        """Per-image scores of the model's explanations against ground truth (masks, boxes) for
+        one batch, as ``{name: tensor [B]}``; evaluation averages them over the test split."""
+        return {}
+
     def logits_view(self) -> nn.Module:
         """A module whose forward returns the logits tensor only (for Grad-CAM, Captum, ...)."""
         return LogitsView(self)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import metrics
 from ..outputs import CAMOutput
 from ..registry import register_model
 from .base import ZooModel
@@ -44,3 +45,9 @@ class CAMNet(ZooModel):
         logits = self.fc(features.mean(dim=(2, 3)))
         cams = torch.einsum("kc,bchw->bkhw", self.fc.weight.to(features.dtype), features)
         return CAMOutput(logits=logits, stride=self.stride, features=features, cams=cams)
+
+    def explanation_metrics(self, output: CAMOutput, batch: dict) -> dict[str, torch.Tensor]:
+        """``cam_iou``, ``pointing_game`` (15 px) and ``localization_accuracy`` for one batch."""
+        preds = output.logits.argmax(1)
+        return metrics.cam_metrics(output.cams.float(), batch["label"], preds,
+                                   batch["image"].shape[-2:], batch.get("mask"), batch.get("box"))

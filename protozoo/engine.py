@@ -1,0 +1,354 @@
+"""The one training loop: phases, mixed precision, DDP, checkpoints every epoch, resume, logs.
+
+Every family trains through :class:`Trainer`. A model supplies its phases (``model.phases(cfg)``,
+data from :class:`protozoo.config.Phase`), its loss terms (``model.objective``) and its actions
+(``model.actions()``, e.g. ProtoPNet's push); the loop itself knows nothing about any family.
+
+Files written in the run directory (by one process only under ``torchrun``):
+``train_config.json`` (resolved config), ``log.jsonl`` (one record per epoch or action),
+``curves.png``, ``model.safetensors`` + ``config.json`` (the model, every epoch) and
+``train_state.pt`` (optimiser, counters and model state in one atomic file, for ``--resume``).
+A run killed mid-epoch resumes from its last completed epoch; the sampler order and augmentation of
+every epoch are seeded from ``(seed, epoch)`` so a resumed run repeats the epochs it lost exactly.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections import defaultdict
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as torch_dist
+from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data.distributed import DistributedSampler
+
+from . import checkpoint
+from .config import Phase, TrainConfig
+from .errors import UserError
+from .fileio import atomic_path, atomic_write_text
+
+STATE = "train_state.pt"
+LOG = "log.jsonl"
+
+
+# ----------------------------------------------------------------------------- devices, processes
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device '{name}' requested but no CUDA GPU is available; use --device cpu")
+    return device
+
+
+def setup_distributed(device_name: str = "auto") -> DistInfo:
+    """Join the process group when started by ``torchrun`` (gloo on CPU, nccl on GPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(device_name)
+    if world <= 1:
+        return DistInfo(0, 1, device)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not torch_dist.is_initialized():
+        torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cpu":  # share the cores instead of oversubscribing them
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    return DistInfo(rank, world, device)
+
+
+def autocast_for(device: torch.device, amp: str):
+    """The autocast context for ``--amp``: auto = bf16 (or fp16) on CUDA, off on CPU."""
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return nullcontext(), None
+    if amp == "auto":
+        amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if amp not in ("bf16", "fp16"):
+        raise UserError(f"unknown --amp '{amp}'; use auto, off, bf16 or fp16")
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype), dtype
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+            for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------- inference helpers
+
+def shard(dataset: Dataset, dist: DistInfo) -> Dataset:
+    """This process's share of ``dataset`` (disjoint, no padding, so sums are exact)."""
+    if not dist.enabled:
+        return dataset
+    return Subset(dataset, list(range(dist.rank, len(dataset), dist.world)))
+
+
+def iterate(model, dataset: Dataset, batch_size: int, device: torch.device,
+            amp: str = "auto", workers: int = 0):
+    """Yield ``(batch, output)`` for ``dataset`` in order, in eval mode without gradients."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+    autocast, _ = autocast_for(device, amp)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in loader:
+                batch = to_device(batch, device)
+                with autocast:
+                    output = model(*model.inputs(batch))
+                yield batch, output
+    finally:
+        model.train(was_training)
+
+
+def all_reduce_sums(sums: dict[str, torch.Tensor], dist: DistInfo) -> dict[str, float]:
+    keys = sorted(sums)
+    if not keys:
+        return {}
+    packed = torch.stack([sums[k].detach().double().reshape(()) for k in keys])
+    if dist.enabled:
+        packed = packed.to(dist.device)
+        torch_dist.all_reduce(packed)
+    return dict(zip(keys, packed.tolist()))
+
+
+def evaluate_loss_accuracy(model, dataset: Dataset, cfg: TrainConfig, dist: DistInfo,
+                           loss_weights: dict | None = None) -> dict[str, float]:
+    """Accuracy and loss terms over ``dataset``, reduced across processes."""
+    sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=dist.device))
+    for batch, output in iterate(model, shard(dataset, dist), cfg.batch_size, dist.device,
+                                 cfg.amp, cfg.workers):
+        n = len(batch["label"])
+        for name, value in model.objective(output, batch, **(loss_weights or {})).items():
+            sums[name] += value.detach().float() * n
+        sums["correct"] += (output.logits.argmax(1) == batch["label"]).sum()
+        sums["count"] += n
+    totals = all_reduce_sums(sums, dist)
+    count = max(totals.pop("count", 0.0), 1.0)
+    metrics = {"accuracy": totals.pop("correct", 0.0) / count}
+    metrics.update({k: v / count for k, v in totals.items()})
+    return metrics
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+@dataclass
+class ActionContext:
+    """What a phase action (e.g. push) may use: the data, the device, an evaluator."""
+
+    model: torch.nn.Module
+    data: object  # protozoo.data.DataBundle
+    cfg: TrainConfig
+    dist: DistInfo
+    run_dir: Path | None
+    evaluate: Callable[[Dataset], dict]
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, model, data, run_dir: Path | None, dist: DistInfo):
+        self.cfg, self.model, self.data, self.dist = cfg, model.to(dist.device), data, dist
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        if cfg.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.phases = model.phases(cfg)
+        self.log_records: list[dict] = []
+
+    # -- files (main process only)
+    def _write(self) -> bool:
+        return self.run_dir is not None and self.dist.is_main
+
+    def _log(self, record: dict) -> None:
+        self.log_records.append(record)
+        if self._write():
+            with open(self.run_dir / LOG, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+            from .render.curves import plot_curves
+
+            plot_curves(self.log_records, self.run_dir / "curves.png")
+        summary = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                           for k, v in record.items() if k != "time")
+        if self.dist.is_main:
+            print(summary, flush=True)
+
+    def _checkpoint(self, position: dict, optimizer=None, scaler=None) -> None:
+        if not self._write():
+            return
+        checkpoint.save(self.model, self.run_dir, image_size=self.data.image_size)
+        state = {
+            "position": position,
+            "model_name": self.model.model_name,
+            "model_config": json.dumps(self.model.config()),
+            "metadata": json.dumps(self.model.metadata),
+            "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "log": json.dumps(self.log_records),
+        }
+        with atomic_path(self.run_dir / STATE) as tmp:
+            torch.save(state, tmp)
+
+    # -- the loop
+    def fit(self, resume: dict | None = None) -> list[dict]:
+        position = resume["position"] if resume else {"phase": 0, "epoch": 0, "global_epoch": 0}
+        if resume:
+            self.log_records = json.loads(resume["log"])
+            if self._write():  # drop log lines written after the state we resume from
+                atomic_write_text(self.run_dir / LOG,
+                                  "".join(json.dumps(r) + "\n" for r in self.log_records))
+        global_epoch = position["global_epoch"]
+        for index in range(position["phase"], len(self.phases)):
+            phase = self.phases[index]
+            resuming_here = resume is not None and index == position["phase"]
+            if phase.action:
+                self._run_action(phase, index, global_epoch)
+            else:
+                global_epoch = self._run_phase(
+                    phase, index, position["epoch"] if resuming_here else 0, global_epoch,
+                    resume.get("optimizer") if resuming_here else None,
+                    resume.get("scaler") if resuming_here else None)
+        self._checkpoint({"phase": len(self.phases), "epoch": 0, "global_epoch": global_epoch,
+                          "finished": True})
+        return self.log_records
+
+    def _run_action(self, phase: Phase, index: int, global_epoch: int) -> None:
+        actions = self.model.actions()
+        if phase.action not in actions:
+            raise ValueError(f"model '{self.model.model_name}' has no action '{phase.action}'")
+        context = ActionContext(self.model, self.data, self.cfg, self.dist, self.run_dir,
+                                lambda ds: evaluate_loss_accuracy(self.model, ds, self.cfg,
+                                                                  self.dist))
+        start = time.time()
+        result = actions[phase.action](context) or {}
+        self._log({"phase": phase.name, "epoch": global_epoch, **result,
+                   "time": round(time.time() - start, 2)})
+        self._checkpoint({"phase": index + 1, "epoch": 0, "global_epoch": global_epoch})
+
+    def _set_trainable(self, phase: Phase) -> list[dict]:
+        groups = self.model.param_groups()
+        unknown = set(phase.lrs) - set(groups)
+        if unknown:
+            raise ValueError(f"phase '{phase.name}' names unknown parameter groups {unknown}")
+        for params in groups.values():
+            for p in params:
+                p.requires_grad_(False)
+        param_groups = []
+        for name, lr in phase.lrs.items():
+            for p in groups[name]:
+                p.requires_grad_(True)
+            param_groups.append({"params": groups[name], "lr": lr, "base_lr": lr, "name": name})
+        return param_groups
+
+    def _run_phase(self, phase, index, start, global_epoch, opt_state, scaler_state) -> int:
+        """Train ``phase`` from its epoch ``start``; returns the global epoch count after it."""
+        param_groups = self._set_trainable(phase)
+        optimizer = torch.optim.Adam(param_groups, weight_decay=phase.weight_decay)
+        autocast, amp_dtype = autocast_for(self.dist.device, self.cfg.amp)
+        scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+        if opt_state is not None:
+            optimizer.load_state_dict(opt_state)
+        if scaler is not None and scaler_state is not None:
+            scaler.load_state_dict(scaler_state)
+        net = self.model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
+            net = DistributedDataParallel(self.model, device_ids=ids)
+        sampler = DistributedSampler(self.data.train, num_replicas=self.dist.world,
+                                     rank=self.dist.rank, shuffle=True, seed=self.cfg.seed)
+        loader = DataLoader(self.data.train, batch_size=self.cfg.batch_size, sampler=sampler,
+                            num_workers=self.cfg.workers, drop_last=False,
+                            pin_memory=self.dist.device.type == "cuda")
+        for epoch in range(start, phase.epochs):
+            for group in optimizer.param_groups:
+                group["lr"] = _scheduled_lr(group["base_lr"], phase, epoch)
+            started = time.time()
+            train = self._train_epoch(net, loader, sampler, optimizer, scaler, autocast, phase,
+                                      global_epoch)
+            val = evaluate_loss_accuracy(self.model, self.data.val, self.cfg, self.dist,
+                                         phase.loss_weights)
+            global_epoch += 1
+            record = {"phase": phase.name, "epoch": global_epoch,
+                      **{f"train/{k}": v for k, v in train.items()},
+                      **{f"val/{k}": v for k, v in val.items()},
+                      "lr": optimizer.param_groups[0]["lr"], "time": round(time.time() - started, 2)}
+            self._log(record)
+            self._checkpoint({"phase": index, "epoch": epoch + 1, "global_epoch": global_epoch},
+                             optimizer, scaler)
+        return global_epoch
+
+    def _train_epoch(self, net, loader, sampler, optimizer, scaler, autocast, phase, global_epoch):
+        from tqdm import tqdm
+
+        sampler.set_epoch(global_epoch)
+        torch.manual_seed(self.cfg.seed * 100003 + global_epoch)  # augmentation of this epoch
+        self.model.train()
+        sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.dist.device))
+        bar = tqdm(loader, desc=f"{phase.name} epoch {global_epoch + 1}", leave=False,
+                   disable=None if self.dist.is_main else True)
+        for batch in bar:
+            batch = to_device(batch, self.dist.device)
+            with autocast:
+                output = net(*self.model.inputs(batch))
+                terms = self.model.objective(output, batch, **phase.loss_weights)
+            optimizer.zero_grad(set_to_none=True)
+            loss = terms["loss"]
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss.item()} in phase '{phase.name}'; "
+                                         "lower --lr or use --amp off")
+            (scaler.scale(loss) if scaler else loss).backward()
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            n = len(batch["label"])
+            for name, value in terms.items():
+                sums[name] += value.detach().float() * n
+            sums["correct"] += (output.logits.argmax(1) == batch["label"]).sum()
+            sums["count"] += n
+        totals = all_reduce_sums(sums, self.dist)
+        count = max(totals.pop("count", 0.0), 1.0)
+        metrics = {"accuracy": totals.pop("correct", 0.0) / count}
+        metrics.update({k: v / count for k, v in totals.items()})
+        return metrics
+
+
+def _scheduled_lr(base: float, phase: Phase, epoch: int) -> float:
+    if phase.schedule == "cosine" and phase.epochs > 1:
+        return base * 0.5 * (1 + math.cos(math.pi * epoch / phase.epochs))
+    return base
+
+
+def read_resume_state(run_dir: Path) -> dict:
+    path = Path(run_dir) / STATE
+    if not path.is_file():
+        raise UserError(f"'{run_dir}' has no {STATE} to resume from (it was killed before its "
+                        "first epoch ended); start it again without --resume")
+    return torch.load(path, map_location="cpu", weights_only=True)

@@ -1,0 +1,99 @@
+"""Evaluate a run directory: test accuracy, the family's explanation metrics, and its report.
+
+Used by ``evaluate.py`` and at the end of ``train.py``. The model is rebuilt from the run directory
+alone; the data from the run's ``train_config.json`` (or flags for a bare checkpoint). Only the
+*test* split is read here; model selection never happens on it.
+"""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import checkpoint
+from .config import TrainConfig
+from .engine import iterate, resolve_device
+from .errors import UserError
+from .fileio import atomic_write_text
+from .metrics import mean_class_accuracy
+
+
+def run_config(run_dir: Path, overrides: dict | None = None) -> TrainConfig:
+    values = {}
+    path = Path(run_dir) / "train_config.json"
+    if path.is_file():
+        values = json.loads(path.read_text())
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    if not path.is_file() and "dataset" not in (overrides or {}):
+        raise UserError(f"'{run_dir}' has no train_config.json (a checkpoint saved outside "
+                        "train.py); say which data to use with --dataset [--data-dir]")
+    return TrainConfig.from_dict(values)
+
+
+def build_eval_data(cfg: TrainConfig, model):
+    from .data import build_data
+
+    return build_data(cfg.dataset, data_dir=cfg.data_dir, image_size=cfg.image_size,
+                      mean=model.mean, std=model.std, num_classes=cfg.num_classes, seed=cfg.seed,
+                      val_fraction=cfg.val_fraction, augment=False, cache_dir=cfg.cache_dir,
+                      num_train=cfg.num_train, num_test=cfg.num_test)
+
+
+def test_metrics(model, dataset, batch_size: int, device, amp: str = "auto") -> dict:
+    """Top-1 and mean per-class accuracy plus the mean of every explanation metric."""
+    preds, labels = [], []
+    sums, counts = defaultdict(float), defaultdict(int)
+    for batch, output in iterate(model, dataset, batch_size, device, amp):
+        preds.append(output.logits.argmax(1).cpu())
+        labels.append(batch["label"].cpu())
+        for name, values in model.explanation_metrics(output, batch).items():
+            sums[name] += float(values.float().sum())
+            counts[name] += len(values)
+    preds_np, labels_np = torch.cat(preds).numpy(), torch.cat(labels).numpy()
+    result = {"accuracy": float((preds_np == labels_np).mean()),
+              "mean_class_accuracy": mean_class_accuracy(preds_np, labels_np, model.num_classes),
+              "num_test_images": int(len(labels_np))}
+    result.update({name: sums[name] / counts[name] for name in sums})
+    return result
+
+
+def evaluate_run(run_dir, model=None, data=None, device="auto", report: bool = True,
+                 images: list[str] | None = None, overrides: dict | None = None) -> dict:
+    """Write ``metrics.json`` (and ``report/``) into ``run_dir``; returns the metrics."""
+    run_dir = Path(run_dir)
+    device = resolve_device(device) if isinstance(device, str) else device
+    if model is None:
+        model = checkpoint.load(run_dir, device)
+    cfg = run_config(run_dir, overrides)
+    if data is None:
+        data = build_eval_data(cfg, model)
+    if len(data.class_names) != model.num_classes:
+        raise UserError(f"the model has {model.num_classes} classes but dataset '{cfg.dataset}' "
+                        f"has {len(data.class_names)}; evaluate on the data it was trained on")
+    model.to(device)
+    metrics = test_metrics(model, data.test, cfg.batch_size, device, cfg.amp)
+    metrics.update(model.metadata.get("metrics", {}))
+    atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
+    if report:
+        from .render.reports import write_report
+
+        write_report(model, data, run_dir / "report", metrics, images=images)
+    return metrics
+
+
+def pick_examples(labels: list[int], count: int, seed: int = 0) -> list[int]:
+    """``count`` indices spread over the classes (round-robin), seeded."""
+    rng = np.random.default_rng(seed)
+    by_class = defaultdict(list)
+    for i, label in enumerate(labels):
+        by_class[int(label)].append(i)
+    queues = [list(rng.permutation(v)) for _, v in sorted(by_class.items())]
+    picked: list[int] = []
+    while len(picked) < count and any(queues):
+        for q in queues:
+            if q and len(picked) < count:
+                picked.append(int(q.pop(0)))
+    return picked

@@ -1,0 +1,2 @@
+"""Rendering: overlays, panels and HTML reports. Pure functions: arrays in, files out."""
+from .overlay import draw_box, heatmap_overlay  # noqa: F401

@@ -1,0 +1,174 @@
+"""Train any protozoo model. Reads top to bottom: config -> data -> model -> engine -> report.
+
+    python train.py                                   # ProtoPNet on built-in synthetic-parts
+    python train.py --model cam --backbone tiny_cnn --dataset synthetic-parts --out runs/cam
+    python train.py --config my.yaml --lr 3e-4        # flags override the YAML file
+    python train.py --resume runs/cam                 # continue a killed run
+    torchrun --nproc_per_node=2 train.py --model cam --out runs/cam-ddp
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import protozoo
+from protozoo.backbones import backbone_normalization
+from protozoo.config import TrainConfig, read_yaml
+from protozoo.data import DATASETS, build_data
+from protozoo.engine import Trainer, read_resume_state, setup_distributed
+from protozoo.errors import UserError, run_cli
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--config", help="YAML file of options; command-line flags override it")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last epoch")
+    p.add_argument("--model", help=f"one of {', '.join(protozoo.list_models())} (default protopnet)")
+    p.add_argument("--backbone", help="tiny_cnn, small_cnn or any timm model (default tiny_cnn)")
+    p.add_argument("--pretrained", help="'timm' for timm's weights, or a weights file path")
+    p.add_argument("--stage", type=int, help="backbone feature stage (default -1, the last)")
+    p.add_argument("--dataset", help=f"one of {', '.join(DATASETS)} (default synthetic-parts)")
+    p.add_argument("--data-dir", help="dataset folder (for folder and cub)")
+    p.add_argument("--cache-dir", help="where generated datasets are cached")
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--num-classes", type=int, help="classes of a generated dataset")
+    p.add_argument("--num-train", type=int, help="training images of a generated dataset")
+    p.add_argument("--val-fraction", type=float)
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--epochs", type=int, help="default: the model family's schedule")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float, help="default: the model family's learning rates")
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra model argument, e.g. --model-arg prototypes_per_class=5")
+    p.add_argument("--loss-weight", action="append", default=[], metavar="TERM=VALUE",
+                   help="loss coefficient, e.g. --loss-weight cluster=0.8")
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1")
+    p.add_argument("--amp", help="auto (default: bf16/fp16 on GPU, off on CPU), off, bf16, fp16")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--workers", type=int, help="data-loader worker processes (default 0)")
+    p.add_argument("--out", help="run directory (default runs/MODEL-DATASET-TIME)")
+    p.add_argument("--report", action=argparse.BooleanOptionalAction, default=None,
+                   help="evaluate on the test split and write the report at the end (default on)")
+    return p.parse_args(argv)
+
+
+def _key_values(items: list[str], flag: str) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"{flag} '{item}' must look like KEY=VALUE")
+        try:
+            out[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.replace("-", "_")] = value
+    return out
+
+
+def resolve_config(args: argparse.Namespace) -> TrainConfig:
+    """Defaults, then the YAML file, then the flags that were given."""
+    values = read_yaml(args.config) if args.config else {}
+    flags = {k: v for k, v in vars(args).items()
+             if v is not None and k not in ("config", "resume", "model_arg", "loss_weight")}
+    if flags.get("pretrained") == "timm":
+        flags["pretrained"] = True
+    values.update(flags)
+    values["model_args"] = {**values.get("model_args", {}), **_key_values(args.model_arg,
+                                                                          "--model-arg")}
+    values["loss_weights"] = {**values.get("loss_weights", {}),
+                              **_key_values(args.loss_weight, "--loss-weight")}
+    return TrainConfig.from_dict(values, source=args.config or "flags")
+
+
+def build_model(cfg: TrainConfig, class_names: list[str]):
+    kwargs = dict(backbone=cfg.backbone, class_names=class_names, **cfg.model_args)
+    if cfg.pretrained:
+        kwargs["pretrained"] = cfg.pretrained
+    if cfg.stage != -1:
+        kwargs["stage"] = cfg.stage
+    try:
+        return protozoo.create_model(cfg.model, **kwargs)
+    except TypeError as exc:  # an unknown --model-arg
+        raise UserError(f"model '{cfg.model}' does not take these arguments ({exc}); check "
+                        "--model-arg names against its docstring") from None
+
+
+def new_run_dir(cfg: TrainConfig, dist) -> Path:
+    out = cfg.out or f"runs/{cfg.model}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if dist.enabled:  # every process must agree on the folder
+        holder = [out]
+        torch.distributed.broadcast_object_list(holder, src=0)
+        out = holder[0]
+    run_dir = Path(out)
+    if run_dir.exists() and any(run_dir.iterdir()) and dist.is_main:
+        raise UserError(f"run directory '{run_dir}' already exists; continue it with --resume "
+                        f"{run_dir} or choose another --out")
+    return run_dir
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    resume = None
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "train_config.json").is_file():
+            raise UserError(f"'{run_dir}' is not a run directory (no train_config.json); pass the "
+                            "--out folder of an earlier train.py run")
+        cfg = TrainConfig.from_dict(json.loads((run_dir / "train_config.json").read_text()))
+        resume = read_resume_state(run_dir)
+        if resume["position"].get("finished"):
+            print(f"run '{run_dir}' already finished; nothing to resume")
+            return 0
+    else:
+        cfg = resolve_config(args)
+
+    dist = setup_distributed(cfg.device)
+    torch.manual_seed(cfg.seed)
+
+    # Data and model are checked before anything is written, so bad input leaves no run folder.
+    mean, std = backbone_normalization(cfg.backbone)
+    data = build_data(cfg.dataset, data_dir=cfg.data_dir, image_size=cfg.image_size, mean=mean,
+                      std=std, num_classes=cfg.num_classes, seed=cfg.seed,
+                      val_fraction=cfg.val_fraction, augment=cfg.augment,
+                      cache_dir=cfg.cache_dir, num_train=cfg.num_train, num_test=cfg.num_test)
+    if resume:
+        model = protozoo.create_model(resume["model_name"], **{
+            **json.loads(resume["model_config"]), "pretrained": False})
+        model.metadata = json.loads(resume["metadata"])
+        protozoo.checkpoint.load_state(model, resume["model"], source=str(run_dir / "train_state.pt"))
+    else:
+        model = build_model(cfg, data.class_names)
+        run_dir = new_run_dir(cfg, dist)
+    model.metadata["image_size"] = data.image_size
+    model.backbone.check_input(torch.zeros(1, 3, data.image_size, data.image_size))
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.out = str(run_dir)
+        cfg.save(run_dir / "train_config.json")
+        print(f"training {cfg.model} ({cfg.backbone}) on {cfg.dataset}: {len(data.train)} train / "
+              f"{len(data.val)} val / {len(data.test)} test images, {len(data.class_names)} "
+              f"classes, device {dist.device}, run {run_dir}", flush=True)
+
+    Trainer(cfg, model, data, run_dir, dist).fit(resume)
+
+    if cfg.report and dist.is_main:
+        from protozoo.evaluation import evaluate_run
+
+        metrics = evaluate_run(run_dir, model=model, data=data, device=dist.device)
+        print("test: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()
+                                   if isinstance(v, float)))
+        print(f"report: {run_dir / 'report' / 'index.html'}")
+    if dist.enabled:
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
