@@ -41,6 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--val-fraction", type=float)
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--epochs", type=int, help="default: the model family's schedule")
+    p.add_argument("--schedule", help="family schedule (ProtoPNet: auto, short, paper)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float, help="default: the model family's learning rates")
     p.add_argument("--weight-decay", type=float)

@@ -54,6 +54,7 @@ class TrainConfig:
     lr: float | None = None  # None: the family's default learning rates
     weight_decay: float = 0.0
     loss_weights: dict[str, float] = field(default_factory=dict)
+    schedule: str = "auto"  # family-specific schedule name (ProtoPNet: auto, short, paper)
     device: str = "auto"
     amp: str = "auto"  # auto (bf16/fp16 on GPU, off on CPU), off, bf16, fp16
     channels_last: bool = False

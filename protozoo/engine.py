@@ -341,8 +341,12 @@ class Trainer:
 
 
 def _scheduled_lr(base: float, phase: Phase, epoch: int) -> float:
+    """The phase's learning rate at ``epoch``: constant, cosine, or ``step:SIZE:GAMMA``."""
     if phase.schedule == "cosine" and phase.epochs > 1:
         return base * 0.5 * (1 + math.cos(math.pi * epoch / phase.epochs))
+    if phase.schedule.startswith("step:"):
+        _, size, gamma = phase.schedule.split(":")
+        return base * float(gamma) ** (epoch // int(size))
     return base
 
 

@@ -1,0 +1,220 @@
+"""ProtoPNet (Chen et al., "This Looks Like That: Deep Learning for Interpretable Image
+Recognition", NeurIPS 2019).
+
+backbone -> add-on layers (1x1 convs ending in a sigmoid; ``regular`` or ``bottleneck`` as in the
+official code) -> P prototypes of shape (D, 1, 1), each assigned to one class -> squared L2 distance
+from every prototype to every feature cell -> global min-pooling -> similarity
+``log((d + 1) / (d + 1e-4))`` -> last layer without bias (+1 to a prototype's own class, -0.5 to
+the others). The class score is therefore ``sum_j similarity_j * w_kj``: every logit decomposes
+exactly into prototype contributions.
+
+Distances: the official code evaluates ``||x||^2 - 2 x.p + ||p||^2`` with three convolutions
+(one of them over a ones-kernel). Here it is one matrix product plus two squared norms, computed
+in fp32 even under autocast (the subtraction cancels catastrophically in bf16) and clamped at 0,
+exactly as the official ``_l2_convolution``. ``similarity="cosine"`` (used by later work such as
+Deformable ProtoPNet) normalises features and prototypes first; the distance is then
+``||x/|x| - p/|p|||^2 = 2 - 2 cos`` and the similarity the cosine ``1 - d / 2``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import losses
+from ..config import Phase, TrainConfig
+from ..outputs import PrototypeOutput
+from ..registry import register_model
+from .base import ZooModel
+
+LOG_EPSILON = 1e-4  # the official code's epsilon in log((d + 1) / (d + eps))
+INCORRECT_CLASS_WEIGHT = -0.5  # Chen et al.: initial last-layer weight to other classes
+BUILTIN_DATASETS = ("synthetic-parts", "digits")
+
+
+def add_on_layers(in_channels: int, dim: int, kind: str) -> nn.Sequential:
+    """The official add-on layers. ``regular``: 1x1 conv -> ReLU -> 1x1 conv -> sigmoid.
+    ``bottleneck``: pairs of 1x1 convs halving the channels down to ``dim``, ReLU between,
+    sigmoid at the end."""
+    if kind == "regular":
+        return nn.Sequential(nn.Conv2d(in_channels, dim, 1), nn.ReLU(), nn.Conv2d(dim, dim, 1),
+                             nn.Sigmoid())
+    if kind != "bottleneck":
+        raise ValueError(f"add_on must be 'regular' or 'bottleneck', got '{kind}'")
+    layers: list[nn.Module] = []
+    current = in_channels
+    while current > dim or not layers:
+        out = max(dim, current // 2)
+        layers += [nn.Conv2d(current, out, 1), nn.ReLU(), nn.Conv2d(out, out, 1)]
+        layers.append(nn.ReLU() if out > dim else nn.Sigmoid())
+        current = out
+    return nn.Sequential(*layers)
+
+
+def squared_distances(features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    """Exact squared L2 distances ``[B, P, h, w]`` between every cell of ``features``
+    ``[B, D, h, w]`` and every row of ``prototypes`` ``[P, D]``, in fp32, clamped at 0."""
+    with torch.autocast(features.device.type, enabled=False):
+        f = features.float()
+        p = prototypes.float()
+        cross = torch.einsum("bdhw,pd->bphw", f, p)
+        f2 = (f * f).sum(1, keepdim=True)
+        p2 = (p * p).sum(1).view(1, -1, 1, 1)
+        return (f2 - 2 * cross + p2).clamp_min(0)
+
+
+@register_model("protopnet")
+class ProtoPNet(ZooModel):
+    def __init__(self, backbone: str = "tiny_cnn", num_classes: int | None = None,
+                 pretrained=False, stage: int = -1, prototypes_per_class: int = 10,
+                 prototype_dim: int = 128, add_on: str = "regular", similarity: str = "log",
+                 prototype_classes: list[int] | None = None,
+                 class_names: list[str] | None = None):
+        """
+        Args:
+            prototypes_per_class: prototypes of each class (paper: 10).
+            prototype_dim: D, channels of the add-on output and of each prototype (paper: 128).
+            add_on: ``regular`` or ``bottleneck`` add-on layers.
+            similarity: ``log`` (the paper's) or ``cosine``.
+            prototype_classes: the class of each prototype; set after pruning, otherwise
+                ``prototypes_per_class`` of each class in order.
+        """
+        super().__init__()
+        bb = self._init_backbone(backbone, pretrained, stage, num_classes, class_names)
+        if similarity not in ("log", "cosine"):
+            raise ValueError(f"similarity must be 'log' or 'cosine', got '{similarity}'")
+        self.similarity = similarity
+        if prototype_classes is None:
+            prototype_classes = [k for k in range(self.num_classes)
+                                 for _ in range(prototypes_per_class)]
+        classes = torch.as_tensor(prototype_classes, dtype=torch.long)
+        self.num_prototypes = len(classes)
+        self.add_on = add_on_layers(bb.channels, prototype_dim, add_on)
+        # uniform [0, 1) like the official code: the add-on output lives in (0, 1) (sigmoid)
+        self.prototypes = nn.Parameter(torch.rand(self.num_prototypes, prototype_dim))
+        self.register_buffer("prototype_class", classes, persistent=False)
+        self.register_buffer("class_identity", F.one_hot(classes, self.num_classes).float(),
+                             persistent=False)
+        self.last_layer = nn.Linear(self.num_prototypes, self.num_classes, bias=False)
+        self.reset_last_layer()
+
+    def reset_last_layer(self, incorrect: float = INCORRECT_CLASS_WEIGHT) -> None:
+        """+1 from each prototype to its class, ``incorrect`` to every other class."""
+        with torch.no_grad():
+            ident = self.class_identity.t()
+            self.last_layer.weight.copy_(ident + incorrect * (1 - ident))
+
+    def config(self) -> dict:
+        return {**super().config(), "prototype_classes": self.prototype_class.tolist()}
+
+    # ---------------------------------------------------------------- forward
+    def distances_from_features(self, features: torch.Tensor) -> torch.Tensor:
+        if self.similarity == "cosine":
+            return squared_distances(F.normalize(features.float(), dim=1),
+                                     F.normalize(self.prototypes.float(), dim=1))
+        return squared_distances(features, self.prototypes)
+
+    def similarity_of(self, distances: torch.Tensor) -> torch.Tensor:
+        if self.similarity == "cosine":
+            return 1 - distances / 2
+        return torch.log((distances + 1) / (distances + LOG_EPSILON))
+
+    def forward(self, x: torch.Tensor) -> PrototypeOutput:
+        features = self.add_on(self.backbone(x))
+        distances = self.distances_from_features(features)
+        min_distances = distances.flatten(2).amin(2)
+        similarities = self.similarity_of(min_distances)
+        logits = self.last_layer(similarities.to(self.last_layer.weight.dtype))
+        return PrototypeOutput(logits=logits, stride=self.stride, features=features,
+                               distances=distances, min_distances=min_distances,
+                               similarities=similarities,
+                               similarity_maps=self.similarity_of(distances))
+
+    def contributions(self, output: PrototypeOutput) -> torch.Tensor:
+        """``[B, K, P]``: similarity x last-layer weight; sums over P to the logits."""
+        return output.similarities.float().unsqueeze(1) * self.last_layer.weight.float()
+
+    # ---------------------------------------------------------------- training
+    def objective(self, output: PrototypeOutput, batch: dict, cluster: float = 0.8,
+                  separation: float = -0.08, l1: float = 1e-4,
+                  cross_entropy: float = 1.0) -> dict[str, torch.Tensor]:
+        """Chen et al.: CE + 0.8 Clst - 0.08 Sep + 1e-4 L1 (official coefficients; see
+        :mod:`protozoo.losses` for the sign convention of Sep)."""
+        labels = batch["label"]
+        own = self.class_identity[:, labels].t()  # [B, P]: 1 where prototype is of b's class
+        ce = losses.cross_entropy(output.logits, labels)
+        clst = losses.cluster_cost(output.min_distances, own)
+        sep = losses.separation_cost(output.min_distances, own)
+        l1_term = losses.last_layer_l1(self.last_layer.weight, self.class_identity)
+        total = cross_entropy * ce + cluster * clst + separation * sep + l1 * l1_term
+        return {"loss": total, "cross_entropy": ce, "cluster": clst, "separation": sep,
+                "l1": l1_term}
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {"features": list(self.backbone.parameters()),
+                "add_on": list(self.add_on.parameters()),
+                "prototypes": [self.prototypes],
+                "last_layer": list(self.last_layer.parameters())}
+
+    def phases(self, cfg: TrainConfig) -> list[Phase]:
+        return protopnet_phases(cfg, self.backbone.name)
+
+    def actions(self) -> dict:
+        from ..projection import push_action
+        from ..pruning import prune_action
+
+        return {"push": push_action, "prune": prune_action}
+
+    def explanation_metrics(self, output: PrototypeOutput, batch: dict) -> dict:
+        from ..metrics import evidence_on_part
+
+        if "mask" not in batch:
+            return {}
+        return {"evidence_on_part": evidence_on_part(self, output, batch)}
+
+
+def protopnet_phases(cfg: TrainConfig, backbone: str) -> list[Phase]:
+    """The staged schedule, as data.
+
+    ``paper`` (default for real data): 5 warm-up epochs, joint training in blocks of 10 epochs with
+    StepLR(5, 0.1) (official ``main.py``), a push after every block followed by 20 last-layer
+    epochs; ``cfg.epochs`` (default 100) counts warm-up + joint epochs. ``short`` (default for the
+    built-in data, CPU-sized): 2 warm-up epochs, 8 joint epochs, push, 5 last-layer epochs, prune,
+    5 last-layer epochs. Learning rates are the official ones unless ``--lr`` scales them.
+    """
+    weights = {"cluster": 0.8, "separation": -0.08, "l1": 1e-4, **cfg.loss_weights}
+    scale = cfg.lr / 3e-3 if cfg.lr is not None else 1.0
+    warm_lrs = {"add_on": 3e-3 * scale, "prototypes": 3e-3 * scale}
+    joint_lrs = {"features": 1e-4 * scale if cfg.pretrained else 1e-3 * scale,
+                 "add_on": 3e-3 * scale, "prototypes": 3e-3 * scale}
+    last = {"last_layer": 1e-4 if cfg.lr is None else 1e-4 * scale}
+    wd = 1e-3
+    schedule = cfg.schedule
+    if schedule == "auto":
+        schedule = "short" if cfg.dataset in BUILTIN_DATASETS else "paper"
+    if schedule == "short":
+        joint = cfg.epochs if cfg.epochs is not None else 8
+        last_epochs = 5
+        return [
+            Phase("warm", 2, warm_lrs, weights, weight_decay=wd),
+            Phase("joint", joint, joint_lrs, weights, weight_decay=wd, schedule="cosine"),
+            Phase("push", action="push"),
+            Phase("last_layer", last_epochs, last, weights),
+            Phase("prune", action="prune"),
+            Phase("last_layer_after_prune", last_epochs, last, weights),
+        ]
+    if schedule != "paper":
+        raise ValueError(f"unknown ProtoPNet schedule '{schedule}'; use auto, short or paper")
+    total = cfg.epochs if cfg.epochs is not None else 100
+    phases = [Phase("warm", min(5, total), warm_lrs, weights, weight_decay=wd)]
+    done = phases[0].epochs
+    while done < total:
+        block = min(10, total - done)
+        decay = 0.1 ** math.floor((done - phases[0].epochs) / 5)
+        phases.append(Phase("joint", block, {k: v * decay for k, v in joint_lrs.items()}, weights,
+                            weight_decay=wd, schedule="step:5:0.1"))
+        done += block
+        phases += [Phase("push", action="push"), Phase("last_layer", 20, last, weights)]
+    return phases
