@@ -27,7 +27,7 @@ def run_config(run_dir: Path, overrides: dict | None = None) -> TrainConfig:
     if path.is_file():
         values = json.loads(path.read_text())
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    if not path.is_file() and "dataset" not in (overrides or {}):
+    if not path.is_file() and (overrides or {}).get("dataset") is None:
         raise UserError(f"'{run_dir}' has no train_config.json (a checkpoint saved outside "
                         "train.py); say which data to use with --dataset [--data-dir]")
     return TrainConfig.from_dict(values)
@@ -75,7 +75,7 @@ def evaluate_run(run_dir, model=None, data=None, device="auto", report: bool = T
                         f"has {len(data.class_names)}; evaluate on the data it was trained on")
     model.to(device)
     metrics = test_metrics(model, data.test, cfg.batch_size, device, cfg.amp)
-    metrics.update(model.metadata.get("metrics", {}))
+    metrics.update(model.dataset_metrics(data))
     atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
     if report:
         from .render.reports import write_report

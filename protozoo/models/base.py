@@ -85,6 +85,11 @@ class ZooModel(nn.Module):
         one batch, as ``{name: tensor [B]}``; evaluation averages them over the test split."""
         return {}
 
+    def dataset_metrics(self, data) -> dict[str, float]:
+        """Metrics of the model as a whole against ground truth in ``data`` (e.g. ProtoPNet's
+        ``prototype_purity`` over the push set); evaluation adds them to ``metrics.json``."""
+        return {}
+
     def logits_view(self) -> nn.Module:
         """A module whose forward returns the logits tensor only (for Grad-CAM, Captum, ...)."""
         return LogitsView(self)

@@ -167,6 +167,13 @@ class ProtoPNet(ZooModel):
 
         return {"push": push_action, "prune": prune_action}
 
+    def dataset_metrics(self, data) -> dict[str, float]:
+        from ..metrics import prototype_purity
+
+        if not data.has_masks or not self.metadata.get("prototypes"):
+            return {}
+        return {"prototype_purity": prototype_purity(self.metadata["prototypes"], data.push)}
+
     def explanation_metrics(self, output: PrototypeOutput, batch: dict) -> dict:
         from ..metrics import evidence_on_part
 
