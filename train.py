@@ -38,6 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int)
     p.add_argument("--num-classes", type=int, help="classes of a generated dataset")
     p.add_argument("--num-train", type=int, help="training images of a generated dataset")
+    p.add_argument("--num-test", type=int, help="test images of a generated dataset")
     p.add_argument("--val-fraction", type=float)
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--epochs", type=int, help="default: the model family's schedule")

@@ -242,7 +242,9 @@ def create_backbone(name: str, pretrained: bool | str = False, stage: int = -1) 
             raise UserError(f"built-in backbone '{name}' has no published weights; pass "
                             "pretrained='path/to/weights.safetensors' or pretrained=False")
         if pretrained:
-            body.load_state_dict(_read_state_dict(str(pretrained)))
+            from .checkpoint import load_state  # a one-line error naming the mismatch
+
+            load_state(body, _read_state_dict(str(pretrained)), source=str(pretrained))
         return Backbone(body, name, stage)
     if name not in _timm_names():
         raise unknown_name_error("backbone", name, list_backbones())

@@ -185,9 +185,9 @@ class ProtoPNet(ZooModel):
 def protopnet_phases(cfg: TrainConfig, backbone: str) -> list[Phase]:
     """The staged schedule, as data.
 
-    ``paper`` (default for real data): 5 warm-up epochs, joint training in blocks of 10 epochs with
-    StepLR(5, 0.1) (official ``main.py``), a push after every block followed by 20 last-layer
-    epochs; ``cfg.epochs`` (default 100) counts warm-up + joint epochs. ``short`` (default for the
+    ``paper`` (default for real data): 5 warm-up epochs, then joint training with StepLR(5, 0.1)
+    stepped every joint epoch (official ``main.py``), a push at epochs 10, 20, ... each followed by
+    20 last-layer epochs; ``cfg.epochs`` (default 100) counts warm-up + joint epochs. ``short`` (default for the
     built-in data, CPU-sized): 2 warm-up epochs, 8 joint epochs, push, 5 last-layer epochs, prune,
     5 last-layer epochs. Learning rates are the official ones unless ``--lr`` scales them.
     """
@@ -218,7 +218,7 @@ def protopnet_phases(cfg: TrainConfig, backbone: str) -> list[Phase]:
     phases = [Phase("warm", min(5, total), warm_lrs, weights, weight_decay=wd)]
     done = phases[0].epochs
     while done < total:
-        block = min(10, total - done)
+        block = min(10 - done % 10, total - done)  # pushes at epochs 10, 20, ... (official)
         decay = 0.1 ** math.floor((done - phases[0].epochs) / 5)
         phases.append(Phase("joint", block, {k: v * decay for k, v in joint_lrs.items()}, weights,
                             weight_decay=wd, schedule="step:5:0.1"))
