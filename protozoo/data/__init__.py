@@ -1,0 +1,222 @@
+"""Datasets for protozoo: one entry point, :func:`build_data`, returning a :class:`DataBundle`.
+
+Every dataset returns the same item dict (see :mod:`protozoo.data.base`): ``image`` (normalised
+float [3,S,S]), ``label``, ``index``, ``path``, plus ``mask`` / ``box`` when the dataset has them.
+
+The validation split is a seeded, stratified part of the *training* split -- never the test split
+-- so model selection does not peek at the test set. ``push`` holds the same items as ``train``
+without augmentation (ProtoPNet projects prototypes onto them). All training-side views share one
+decoded copy of the pixels.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from protozoo.data.base import ImageDataset, stratified_split
+from protozoo.data.cub import CUBDataset, cub_labels
+from protozoo.data.digits import DigitsDataset, digits_labels
+from protozoo.data.folder import (
+    ImageFolderDataset, images_root, load_split_folder, scan_class_folders,
+)
+from protozoo.data.synthetic_parts import (
+    default_cache_dir, ensure_synthetic_parts, generate_synthetic_parts, read_meta,
+)
+from protozoo.errors import DataError
+
+DATASETS = ("synthetic-parts", "digits", "folder", "cub")
+DEFAULT_IMAGE_SIZE = {"synthetic-parts": 64, "digits": 32, "folder": 224, "cub": 224}
+SYNTHETIC_DEFAULTS = {"num_classes": 5, "num_train": 3000, "num_test": 1000}
+# The generated images do not follow the run seed (which picks the validation split and the
+# training randomness): runs with different seeds are then scored on the same test set, and a
+# sweep over seeds does not regenerate (and cache) a new dataset per seed.
+SYNTHETIC_DATA_SEED = 0
+
+__all__ = [
+    "DATASETS", "DataBundle", "build_data", "denormalize", "stratified_split", "ImageDataset",
+    "ImageFolderDataset", "load_split_folder", "CUBDataset", "DigitsDataset",
+    "generate_synthetic_parts", "ensure_synthetic_parts",
+]
+
+
+@dataclass
+class DataBundle:
+    """The splits and facts the engine needs; see the module doc for what each split is."""
+
+    train: Dataset  # augmented if augment=True
+    val: Dataset  # held out from the training split (never the test split), not augmented
+    test: Dataset
+    push: Dataset  # the same items as `train`, un-augmented
+    class_names: list[str]
+    image_size: int
+    has_masks: bool
+    has_boxes: bool
+    extras: dict = field(default_factory=dict)
+
+
+def denormalize(image, mean=(0.5,) * 3, std=(0.5,) * 3) -> np.ndarray:
+    """Undo the normalisation of one item's image: float [3,H,W] -> uint8 [H,W,3]."""
+    x = torch.as_tensor(image, dtype=torch.float32).detach().cpu()
+    if x.ndim != 3 or x.shape[0] != 3:
+        raise ValueError(f"expected an image of shape [3, H, W], got {tuple(x.shape)}")
+    mean_t = torch.as_tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+    std_t = torch.as_tensor(std, dtype=torch.float32).view(-1, 1, 1)
+    pixels = ((x * std_t + mean_t) * 255.0).round().clamp(0, 255)
+    return pixels.to(torch.uint8).permute(1, 2, 0).numpy().copy()
+
+
+# -- argument checks ------------------------------------------------------------------------
+def _check_name(name: str) -> None:
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset '{name}': choose one of {', '.join(DATASETS)}")
+
+
+def _check_fraction(val_fraction: float) -> None:
+    if not 0.0 < float(val_fraction) < 1.0:
+        raise DataError(f"val_fraction={val_fraction} must be between 0 and 1 (exclusive): a "
+                        "validation split is required for model selection (e.g. 0.1)")
+
+
+def _folder(path: Path, hint: str) -> Path:
+    if not path.is_dir():
+        raise DataError(f"data folder '{path}' not found: {hint}")
+    if not any(path.iterdir()):
+        raise DataError(f"data folder '{path}' is empty: {hint}")
+    return path
+
+
+_HINTS = {
+    "folder": "--data-dir must contain train/ and test/ sub-folders, one folder per class",
+    "cub": "--data-dir must be the extracted CUB_200_2011 folder",
+}
+
+
+def _data_dir(data_dir, name: str) -> Path:
+    if data_dir is None:
+        raise DataError(f"dataset '{name}' needs a data folder: {_HINTS[name]}")
+    return _folder(Path(data_dir).expanduser(), _HINTS[name])
+
+
+def _check_classes(num_classes, found: list[str], name: str) -> None:
+    if num_classes is not None and int(num_classes) != len(found):
+        raise DataError(f"num_classes={num_classes} but dataset '{name}' has {len(found)} classes: "
+                        "leave num_classes unset or set it to the dataset's class count")
+
+
+# -- splitting ------------------------------------------------------------------------------
+def _subset_indices(labels, count, seed: int):
+    """Indices of a seeded stratified subset of about ``count`` items, or None for all.
+
+    Chosen from the labels alone, before any image is decoded, so a quick run on a big dataset
+    only pays for the images it uses.
+    """
+    if count is None or int(count) >= len(labels):
+        return None
+    if int(count) < 1:
+        raise DataError(f"asked for {count} items: use a positive number or leave it unset")
+    return stratified_split(labels, int(count) / len(labels), seed)[1]
+
+
+def _bundle(train_full: ImageDataset, test: ImageDataset, *, seed: int, val_fraction: float,
+            augment: bool, extras: dict) -> DataBundle:
+    """Carve validation out of the training split; train/push/val share one pixel store."""
+    kept, held = stratified_split(train_full.labels, val_fraction, seed)
+    if held.size == 0:
+        raise DataError("the training split is too small for a validation split: give every "
+                        "class at least 2 training images")
+    return DataBundle(
+        train=train_full.subset(kept, augment=augment),
+        val=train_full.subset(held, augment=False),
+        test=test,
+        push=train_full.subset(kept, augment=False),
+        class_names=list(train_full.class_names),
+        image_size=train_full.image_size,
+        has_masks=train_full.has_masks,
+        has_boxes=train_full.has_boxes,
+        extras=extras,
+    )
+
+
+# -- per dataset ----------------------------------------------------------------------------
+def _synthetic(a: dict):
+    root = ensure_synthetic_parts(
+        a["cache_dir"] if a["cache_dir"] is not None else default_cache_dir(),
+        num_classes=a["num_classes"] or SYNTHETIC_DEFAULTS["num_classes"],
+        image_size=a["image_size"], seed=SYNTHETIC_DATA_SEED,
+        num_train=a["num_train"] or SYNTHETIC_DEFAULTS["num_train"],
+        num_test=a["num_test"] or SYNTHETIC_DEFAULTS["num_test"],
+    )
+    meta = read_meta(root)
+    common = dict(image_size=a["image_size"], mean=a["mean"], std=a["std"],
+                  class_names=meta["class_names"])
+    train = load_split_folder(root / "train", **common)
+    test = load_split_folder(root / "test", **common)
+    return train, test, {"root": str(root), "meta": meta}
+
+
+def _digits(a: dict):
+    common = dict(image_size=a["image_size"], mean=a["mean"], std=a["std"])
+    train_idx = _subset_indices(digits_labels("train"), a["num_train"], a["seed"])
+    test_idx = _subset_indices(digits_labels("test"), a["num_test"], a["seed"])
+    return (DigitsDataset("train", indices=train_idx, **common),
+            DigitsDataset("test", indices=test_idx, **common), {})
+
+
+def _image_folder(a: dict):
+    root = _data_dir(a["data_dir"], "folder")
+    train_root = _folder(root / "train", _HINTS["folder"])
+    test_root = _folder(root / "test", _HINTS["folder"])
+    common = dict(image_size=a["image_size"], mean=a["mean"], std=a["std"])
+    _, labels, names = scan_class_folders(images_root(train_root))
+    _check_classes(a["num_classes"], names, "folder")
+    train_idx = _subset_indices(labels, a["num_train"], a["seed"])
+    train = load_split_folder(train_root, indices=train_idx, **common)
+    _, test_labels, _ = scan_class_folders(images_root(test_root), names)
+    test_idx = _subset_indices(test_labels, a["num_test"], a["seed"])
+    test = load_split_folder(test_root, class_names=names, indices=test_idx, **common)
+    return train, test, {"root": str(root)}
+
+
+def _cub(a: dict):
+    root = _data_dir(a["data_dir"], "cub")
+    common = dict(image_size=a["image_size"], mean=a["mean"], std=a["std"])
+    train = CUBDataset(root, "train", indices=_subset_indices(
+        cub_labels(root, "train"), a["num_train"], a["seed"]), **common)
+    _check_classes(a["num_classes"], train.class_names, "cub")
+    test = CUBDataset(root, "test", indices=_subset_indices(
+        cub_labels(root, "test"), a["num_test"], a["seed"]), **common)
+    extras = {"root": str(root), "class_attributes": train.class_attributes,
+              "attribute_names": train.attribute_names}
+    return train, test, extras
+
+
+_LOADERS = {"synthetic-parts": _synthetic, "digits": _digits, "folder": _image_folder, "cub": _cub}
+
+
+def build_data(name: str, *, data_dir=None, image_size=None, mean=(0.5,) * 3, std=(0.5,) * 3,
+               num_classes=None, seed: int = 0, val_fraction: float = 0.1, augment: bool = False,
+               cache_dir=None, num_train=None, num_test=None) -> DataBundle:
+    """Build train/val/test/push for dataset ``name`` (one of :data:`DATASETS`).
+
+    ``image_size`` defaults per dataset (synthetic-parts 64, digits 32, folder and cub 224).
+    For synthetic-parts, ``num_classes``/``num_train``/``num_test`` configure the generator
+    (defaults 5/3000/1000); its images use a fixed generator seed (``SYNTHETIC_DATA_SEED``), not
+    ``seed``, and are cached in ``cache_dir`` (default ``$PROTOZOO_CACHE`` or
+    ``~/.cache/protozoo``). For the other datasets ``num_classes`` is only checked against
+    the data, and ``num_train``/``num_test`` keep a seeded stratified subset of about that many
+    items (quick runs). ``val_fraction`` of every class of the training split becomes ``val``.
+    """
+    _check_name(name)
+    _check_fraction(val_fraction)
+    size = int(image_size) if image_size is not None else DEFAULT_IMAGE_SIZE[name]
+    args = dict(data_dir=data_dir, image_size=size, mean=mean, std=std, num_classes=num_classes,
+                seed=int(seed), cache_dir=cache_dir, num_train=num_train, num_test=num_test)
+    train_full, test, extras = _LOADERS[name](args)
+    if name == "digits":
+        _check_classes(num_classes, train_full.class_names, name)
+    return _bundle(train_full, test, seed=int(seed), val_fraction=val_fraction, augment=augment,
+                   extras=extras)
