@@ -73,12 +73,41 @@ class TrainConfig:
         if unknown:
             raise UserError(f"unknown key(s) {', '.join(unknown)} in {source}; valid keys: "
                             f"{', '.join(sorted(known))}")
+        values = dict(values)
+        for f in dataclasses.fields(cls):  # a YAML typo ("epochs: ten") fails here, not mid-run
+            if f.name not in values:
+                continue
+            if "float" in f.type and isinstance(values[f.name], str):
+                try:  # YAML 1.1 reads "1e-3" (no dot) as a string
+                    values[f.name] = float(values[f.name])
+                except ValueError:
+                    pass
+            if not _has_type(values[f.name], f.type):
+                raise UserError(f"'{f.name}' in {source} must be {f.type}, got "
+                                f"{values[f.name]!r}; fix the value")
         return cls(**values)
 
     def save(self, path: Path) -> None:
         from .fileio import atomic_write_text
 
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2))
+
+
+_TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool, "None": type(None)}
+
+
+def _has_type(value, annotation: str) -> bool:
+    """Whether ``value`` fits a field annotation such as ``"int | None"`` or ``"dict[str, float]"``
+    (``Any`` accepts everything; a bool is not an int here)."""
+    for part in annotation.split("|"):
+        name = part.strip().split("[")[0]
+        if name == "Any" or (name == "dict" and isinstance(value, dict)):
+            return True
+        expected = _TYPES.get(name)
+        if expected is not None and isinstance(value, expected) and not (
+                isinstance(value, bool) and name in ("int", "float")):
+            return True
+    return False
 
 
 def read_yaml(path: str) -> dict:
@@ -96,4 +125,4 @@ def read_yaml(path: str) -> dict:
         raise UserError(f"config file '{path}' is not valid YAML{where}; fix the syntax") from None
     if not isinstance(values, dict):
         raise UserError(f"config file '{path}' must hold a mapping of option: value")
-    return {k.replace("-", "_"): v for k, v in values.items()}
+    return {str(k).replace("-", "_"): v for k, v in values.items()}

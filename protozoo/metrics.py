@@ -75,3 +75,73 @@ def cam_metrics(cams: torch.Tensor, labels: torch.Tensor, preds: torch.Tensor, i
     if boxes is not None:
         out["localization_accuracy"] = localization_hits(up[idx, preds], boxes, preds == labels)
     return out
+
+
+# ----------------------------------------------------------------------------- ProtoPNet evidence
+# "Overlaps the part" for a box and a ground-truth mask: the overlap coefficient (Szymkiewicz-
+# Simpson) |box & mask| / min(|box|, |mask|) is at least 0.5, i.e. the box lies mostly on the part
+# or covers most of it. IoU would punish a small box sitting entirely on a large part (or a box
+# slightly larger than a tiny part), and both are the evidence we want to count.
+PART_OVERLAP = 0.5
+
+
+def box_masks(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Boxes ``[N, 4]`` ``(x0, y0, x1, y1)`` (exclusive end, pixels) -> bool masks ``[N, H, W]``
+    of the pixels whose centre lies inside each box."""
+    boxes = torch.as_tensor(boxes, dtype=torch.float32)
+    ys = torch.arange(height, device=boxes.device, dtype=torch.float32).view(1, -1, 1) + 0.5
+    xs = torch.arange(width, device=boxes.device, dtype=torch.float32).view(1, 1, -1) + 0.5
+    x0, y0, x1, y1 = (boxes[:, i].view(-1, 1, 1) for i in range(4))
+    return (xs >= x0) & (xs < x1) & (ys >= y0) & (ys < y1)
+
+
+def box_mask_overlap(boxes: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Overlap coefficient ``|box & mask| / min(|box|, |mask|)`` of boxes ``[N, 4]`` and binary
+    masks ``[N, H, W]`` -> ``[N]`` in [0, 1]; 0 where the box or the mask is empty."""
+    truth = masks > 0.5
+    inside = box_masks(torch.as_tensor(boxes).to(masks.device), *truth.shape[-2:])
+    inter = (inside & truth).flatten(1).sum(1).float()
+    smaller = torch.minimum(inside.flatten(1).sum(1), truth.flatten(1).sum(1)).float()
+    return torch.where(smaller > 0, inter / smaller.clamp(min=1), torch.zeros_like(inter))
+
+
+def prototype_purity(provenance: list[dict], push_dataset,
+                     threshold: float = PART_OVERLAP) -> float:
+    """Fraction of prototypes whose source patch lies on the class-discriminative part.
+
+    A prototype's source patch is the high-activation box of its push provenance (95th percentile
+    of its similarity map on its source image, Chen et al.); the part is the ground-truth mask of
+    that image (``push_dataset[image_index]["mask"]``). The patch counts when the overlap
+    coefficient ``|box & mask| / min(|box|, |mask|) >= threshold`` (0.5): the box lies mostly on
+    the part, or covers most of it. NaN when there are no prototypes.
+    """
+    if not provenance:
+        return float("nan")
+    if not getattr(push_dataset, "has_masks", True):
+        raise ValueError("prototype_purity needs a dataset with part masks (has_masks=True)")
+    masks = torch.stack([push_dataset[int(r["image_index"])]["mask"][0] for r in provenance])
+    boxes = torch.tensor([r["high_activation_box"] for r in provenance], dtype=torch.float32)
+    return float((box_mask_overlap(boxes, masks) >= threshold).float().mean())
+
+
+def evidence_on_part(model, output, batch: dict, percentile: float = 95.0,
+                     threshold: float = PART_OVERLAP) -> torch.Tensor:
+    """Per test image: does the model's strongest evidence for its prediction lie on the part?
+
+    The evidence is the prototype with the largest contribution (similarity x last-layer weight)
+    to the predicted class; its patch on the image is the high-activation box of its similarity
+    map upsampled to the image (``percentile``-th percentile, :func:`maps.percentile_box`, the
+    same rule as push provenance and the evidence report). A hit is an overlap coefficient
+    ``|box & mask| / min(|box|, |mask|) >= threshold`` (0.5) with ``batch["mask"]`` ``[B, 1, H, W]``:
+    the box lies mostly on the part, or covers most of it. Returns float ``[B]`` of 0/1.
+    """
+    from .maps import percentile_box
+
+    masks = batch["mask"][:, 0]
+    idx = torch.arange(len(masks), device=output.logits.device)
+    preds = output.logits.argmax(1)
+    top = model.contributions(output)[idx, preds].argmax(1)  # [B]
+    maps = output.similarity_maps[idx, top]  # [B, h, w]
+    up = upsample(maps[:, None], tuple(masks.shape[-2:]))[:, 0].cpu().numpy()
+    boxes = torch.tensor([percentile_box(m, percentile) for m in up], dtype=torch.float32)
+    return (box_mask_overlap(boxes, masks) >= threshold).float()

@@ -1,0 +1,488 @@
+"""ProtoPNet evidence reports: "this looks like that" (Chen et al. 2019, Figs. 1 and 3).
+
+* Local (one image): the predicted class and, for the two classes with the largest logits, the
+  prototypes ranked by contribution = similarity x last-layer weight (top 5, then one line for all
+  the others, so the numbers on the page add up to the logit). Each row is one PNG: the image with
+  the box of the patch most like the prototype, the prototype's patch, the training image it was
+  projected onto (its box drawn), and the similarity map over the image.
+* Global (the model): ``prototypes.html``, every prototype's source patch and its 5 nearest
+  training patches (any class), grouped by class.
+
+Boxes are always the high-activation box (95th percentile of the similarity map upsampled to the
+image, :func:`protozoo.maps.percentile_box`), the rule push provenance and the metrics use.
+
+Folder layout (relative links only, no external resources, so it works copied anywhere)::
+
+    index.html  prototypes.html  image_000.html ... user_000.html ...  img/*.png
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import DataError, UserError
+from ..maps import percentile_box, upsample
+from .html import esc, img_tag, table, write_page
+from .overlay import draw_box, heatmap_overlay, save_png, upscale
+
+PERCENTILE = 95.0  # high-activation box, as push provenance and evidence_on_part
+TOP_CLASSES = 2
+TOP_PROTOTYPES = 5
+NEAREST = 5
+IMG = "img"  # PNG sub-folder
+GALLERY = "prototypes.html"
+YELLOW, RED, GREEN, GREY = (255, 230, 0), (230, 0, 0), (0, 190, 0), (215, 215, 215)
+GAP = 6
+PANELS = ("this image: the box on the patch most like the prototype", "the prototype's patch",
+          "the training image it comes from", "similarity map over this image")
+
+
+def _scale(size: int) -> int:
+    return max(1, 192 // int(size))  # 64 px -> x3
+
+
+def _num(value: float) -> str:
+    return f"{value:.4f}"
+
+
+# ----------------------------------------------------------------------------- evidence
+@dataclass
+class Evidence:
+    """One image's forward pass on the CPU: everything a local page shows."""
+
+    raw: np.ndarray  # uint8 [H, W, 3]
+    logits: torch.Tensor  # [K]
+    contributions: torch.Tensor  # [K, P], sums over P to the logits
+    similarities: torch.Tensor  # [P]
+    maps: torch.Tensor  # [P, h, w] similarity maps at feature resolution
+
+    @property
+    def pred(self) -> int:
+        return int(self.logits.argmax())
+
+    def upsampled(self, j: int) -> np.ndarray:
+        return upsample(self.maps[j][None, None], self.raw.shape[:2])[0, 0].numpy()
+
+    def box(self, j: int) -> tuple[int, int, int, int]:
+        """High-activation box of prototype ``j`` on this image."""
+        return percentile_box(self.upsampled(j), PERCENTILE)
+
+    def ranking(self, k: int) -> list[int]:
+        """Prototypes by contribution to class ``k``, largest first."""
+        return torch.argsort(self.contributions[k], descending=True, stable=True).tolist()
+
+
+@torch.no_grad()
+def explain(model, images: torch.Tensor, raws: list[np.ndarray],
+            batch_size: int = 32) -> list[Evidence]:
+    """Forward normalised ``images`` [N, 3, H, W]; ``raws`` are the same images as uint8."""
+    device = next(model.parameters()).device
+    out_list = []
+    for start in range(0, len(images), batch_size):
+        out = model(images[start:start + batch_size].to(device))
+        contrib = model.contributions(out).cpu()
+        logits, sims = out.logits.float().cpu(), out.similarities.float().cpu()
+        maps = out.similarity_maps.float().cpu()
+        for b in range(len(logits)):
+            out_list.append(Evidence(raws[start + b], logits[b], contrib[b], sims[b], maps[b]))
+    return out_list
+
+
+class PrototypeSources:
+    """Push provenance of each prototype and its source image's pixels.
+
+    With ``data``, source images come from ``data.push`` (checked against the recorded path);
+    otherwise from the recorded ``image_path`` when that file exists. Images are decoded at
+    ``size``, the resolution the provenance boxes were recorded at.
+    """
+
+    def __init__(self, model, data=None, size: int | None = None):
+        self.records = {int(r["prototype"]): r for r in model.metadata.get("prototypes") or []}
+        self.push = data.push if data is not None else None
+        self.paths = list(self.push.paths) if self.push is not None else []
+        self.size = int(size or model.metadata.get("image_size") or 224)
+        self._cache: dict = {}
+
+    @property
+    def projected(self) -> bool:
+        return bool(self.records)
+
+    def record(self, j: int) -> dict | None:
+        return self.records.get(int(j))
+
+    def image(self, j: int) -> np.ndarray | None:
+        rec = self.record(j)
+        if rec is None:
+            return None
+        key = (rec.get("image_index"), rec.get("image_path"))
+        if key not in self._cache:
+            self._cache[key] = self._load(rec)
+        return self._cache[key]
+
+    def _load(self, rec: dict) -> np.ndarray | None:
+        i, path = rec.get("image_index"), rec.get("image_path")
+        if i is not None and 0 <= int(i) < len(self.paths) and _same_file(self.paths[i], path):
+            return self.push.raw_image(int(i))
+        if path and Path(path).is_file():
+            from ..data.images import decode_sample
+
+            try:
+                return decode_sample(path, self.size).image
+            except DataError:
+                return None
+        return None
+
+
+def _same_file(a: str, b: str | None) -> bool:
+    """The push item is the recorded one (same class folder and name if the data moved)."""
+    return b is None or a == b or Path(a).parts[-2:] == Path(b).parts[-2:]
+
+
+# ----------------------------------------------------------------------------- panels
+def _big(image: np.ndarray, box=None, colour=YELLOW) -> np.ndarray:
+    """Upscaled image, with ``box`` (image pixels) drawn after upscaling so it stays thin."""
+    s = _scale(image.shape[0])
+    out = upscale(image, s)
+    if box is not None:
+        out = draw_box(out, [v * s for v in box], colour, width=2)
+    return out
+
+
+def _patch(image: np.ndarray, box, side: int) -> np.ndarray:
+    """Crop ``image`` at ``box``, enlarge it (nearest) to fit a ``side`` square, pad white."""
+    h, w = image.shape[:2]
+    x0, y0 = int(np.clip(box[0], 0, w - 1)), int(np.clip(box[1], 0, h - 1))
+    x1, y1 = int(np.clip(box[2], x0 + 1, w)), int(np.clip(box[3], y0 + 1, h))
+    crop = upscale(image[y0:y1, x0:x1], max(1, side // max(y1 - y0, x1 - x0)))
+    out = np.full((side, side, 3), 255, np.uint8)
+    ch, cw = min(side, crop.shape[0]), min(side, crop.shape[1])
+    top, left = (side - ch) // 2, (side - cw) // 2
+    out[top:top + ch, left:left + cw] = crop[:ch, :cw]
+    return out
+
+
+def _blank(side: int) -> np.ndarray:
+    """Placeholder where a prototype's source image is not available."""
+    out = np.full((side, side, 3), GREY, np.uint8)
+    idx = np.arange(side)
+    out[idx, idx] = out[idx, side - 1 - idx] = (150, 150, 150)
+    return out
+
+
+def _fit(panel: np.ndarray, side: int) -> np.ndarray:
+    """Pad (or crop) a panel to ``side`` rows so panels of other sizes line up in a row."""
+    if panel.shape[0] >= side:
+        return panel[:side]
+    return np.pad(panel, ((0, side - panel.shape[0]), (0, 0), (0, 0)), constant_values=255)
+
+
+def _row(panels: list[np.ndarray], gap: int = GAP) -> np.ndarray:
+    side = max(p.shape[0] for p in panels)
+    parts = []
+    for n, p in enumerate(panels):
+        if n:
+            parts.append(np.full((side, gap, 3), 255, np.uint8))
+        parts.append(_fit(p, side))
+    return np.concatenate(parts, axis=1)
+
+
+def _outline(image: np.ndarray, mask: np.ndarray, colour=RED) -> np.ndarray:
+    inner = mask & np.roll(mask, 1, 0) & np.roll(mask, -1, 0) & np.roll(mask, 1, 1) \
+        & np.roll(mask, -1, 1)
+    out = image.copy()
+    out[mask & ~inner] = colour
+    return out
+
+
+def _source_panels(sources: PrototypeSources, j: int, side: int) -> list[np.ndarray]:
+    """[the prototype's patch, its source image with the box], or placeholders."""
+    rec, src = sources.record(j), sources.image(j)
+    if rec is None or src is None:
+        return [_blank(side), _blank(side)]
+    box = rec["high_activation_box"]
+    return [_patch(src, box, side), _big(src, box)]
+
+
+def evidence_row(ev: Evidence, j: int, sources: PrototypeSources) -> np.ndarray:
+    """One PNG row for prototype ``j`` on this image (see :data:`PANELS`)."""
+    here = _big(ev.raw, ev.box(j))
+    side = here.shape[0]
+    heat = heatmap_overlay(upscale(ev.raw, _scale(ev.raw.shape[0])), ev.maps[j].numpy())
+    return _row([here, *_source_panels(sources, j, side), heat])
+
+
+# ----------------------------------------------------------------------------- local pages
+def _proto_cell(model, j: int, gallery: bool) -> str:
+    name = f"p{j} ({esc(model.class_names[int(model.prototype_class[j])])})"
+    return f'<a href="{GALLERY}#proto-{j}">{name}</a>' if gallery else name
+
+
+def _class_section(model, ev: Evidence, k: int, stem: str, out_dir: Path,
+                   sources: PrototypeSources, gallery: bool) -> str:
+    order = ev.ranking(k)
+    shown, rest = order[:TOP_PROTOTYPES], order[TOP_PROTOTYPES:]
+    weights = model.last_layer.weight.detach().float().cpu()
+    rows = []
+    for rank, j in enumerate(shown):
+        name = f"{stem}_c{k}_r{rank}.png"
+        save_png(out_dir / IMG / name, evidence_row(ev, j, sources))
+        rows.append([str(rank + 1), _proto_cell(model, j, gallery),
+                     img_tag(f"{IMG}/{name}", f"evidence of prototype {j} for class {k}"),
+                     _num(ev.similarities[j]), _num(weights[k, j]),
+                     f'<span class="contribution">{_num(ev.contributions[k, j])}</span>'])
+    others = float(ev.contributions[k, rest].sum()) if rest else 0.0
+    rows.append(["", f"+ {len(rest)} others contribute", "", "", "",
+                 f'<span class="others">{_num(others)}</span>'])
+    rows.append(["", "= logit", "", "", "", f'<b class="logit">{_num(ev.logits[k])}</b>'])
+    kind = "predicted" if k == ev.pred else "runner-up"
+    heading = (f"<h2>{'Predicted' if k == ev.pred else 'Next'} class: "
+               f"{esc(model.class_names[k])} (logit {_num(ev.logits[k])})</h2>")
+    header = ["#", "prototype", " | ".join(PANELS), "similarity", "weight", "contribution"]
+    return (f'<section class="evidence {kind}" id="class-{k}">{heading}'
+            + table(header, rows) + "</section>")
+
+
+def write_local_page(model, ev: Evidence, sources: PrototypeSources, out_dir: Path, stem: str,
+                     title: str, label: int | None = None, mask: np.ndarray | None = None,
+                     gallery: bool = False, index: bool = False) -> Path:
+    """``out_dir/{stem}.html`` (+ ``img/{stem}_*.png``) explaining one image."""
+    (out_dir / IMG).mkdir(parents=True, exist_ok=True)
+    shown = ev.raw if mask is None else _outline(ev.raw, mask > 0.5)
+    save_png(out_dir / IMG / f"{stem}_input.png", _big(shown))
+    pred = ev.pred
+    verdict = "" if label is None else (
+        f" — true class <span class='{'ok' if pred == label else 'bad'}'>"
+        f"{esc(model.class_names[label])}</span>")
+    links = " · ".join(filter(None, ['<a href="index.html">report index</a>' if index else "",
+                                     f'<a href="{GALLERY}">all prototypes</a>' if gallery else ""]))
+    body = [f"<p>{links}</p>" if links else "",
+            img_tag(f"{IMG}/{stem}_input.png", "the image"
+                    + (" (ground-truth part outlined in red)" if mask is not None else "")),
+            f"<p>Predicted class: <b>{esc(model.class_names[pred])}</b>{verdict}.</p>",
+            "<p>Each class score is the sum over all prototypes of similarity &times; last-layer "
+            "weight; below are the largest contributions to the top classes. Pictures, left to "
+            "right: " + "; ".join(f"({n + 1}) {p}" for n, p in enumerate(PANELS)) + ".</p>",
+            _sources_note(model, sources)]
+    top = torch.argsort(ev.logits, descending=True, stable=True)[:TOP_CLASSES].tolist()
+    body += [_class_section(model, ev, k, stem, out_dir, sources, gallery) for k in top]
+    path = out_dir / f"{stem}.html"
+    write_page(path, title, "\n".join(body))
+    return path
+
+
+def _sources_note(model, sources: PrototypeSources) -> str:
+    if not sources.projected:
+        return ("<p class='bad'>This model's prototypes were never projected onto training "
+                "patches (no push provenance), so their patches cannot be shown.</p>")
+    missing = [j for j in range(model.num_prototypes) if sources.image(j) is None]
+    if not missing:
+        return ""
+    return (f"<p class='bad'>The source images of {len(missing)} of {model.num_prototypes} "
+            "prototypes were not found (pass the training data, or keep the files at the paths "
+            "recorded at push); their patches are shown as grey placeholders.</p>")
+
+
+# ----------------------------------------------------------------------------- global gallery
+@torch.no_grad()
+def nearest_patch_boxes(model, dataset, k: int = NEAREST, batch_size: int = 128):
+    """For every prototype its ``k`` nearest training images (one patch each, any class) and the
+    high-activation box of the prototype's similarity map on each: ``(distances [P, k],
+    image_index [P, k], boxes [P][k])``."""
+    from ..projection import nearest_patches
+
+    device = next(model.parameters()).device
+    dist, index, _ = nearest_patches(model, dataset, k, batch_size, device)
+    dist, index = dist.cpu(), index.cpu()
+    P, k = index.shape
+    flat_i, flat_j = index.flatten(), torch.arange(P).repeat_interleave(k)
+    unique = flat_i.unique()
+    where = torch.full((len(dataset),), -1, dtype=torch.long)
+    maps = None
+    for start in range(0, len(unique), batch_size):
+        ids = unique[start:start + batch_size]
+        x = torch.stack([dataset[int(i)]["image"] for i in ids]).to(device)
+        sim = model(x).similarity_maps.float().cpu()  # [b, P, h, w]
+        maps = maps if maps is not None else torch.zeros(P * k, *sim.shape[-2:])
+        where.fill_(-1)
+        where[ids] = torch.arange(len(ids))
+        hit = where[flat_i] >= 0
+        maps[hit] = sim[where[flat_i[hit]], flat_j[hit]]
+    size = tuple(dataset.raw_image(0).shape[:2])
+    up = upsample(maps[:, None], size)[:, 0].numpy()
+    boxes = [percentile_box(m, PERCENTILE) for m in up]
+    return dist, index, [boxes[j * k:(j + 1) * k] for j in range(P)]
+
+
+def write_gallery(model, data, out_dir: Path, sources: PrototypeSources, k: int = NEAREST) -> Path:
+    """``out_dir/prototypes.html``: each prototype's source patch and its nearest patches."""
+    (out_dir / IMG).mkdir(parents=True, exist_ok=True)
+    push = data.push
+    dist, index, boxes = nearest_patch_boxes(model, push, k)
+    labels = np.asarray(push.labels)
+    paths = push.paths
+    weights = model.last_layer.weight.detach().float().cpu()
+    sections = []
+    for c, cname in enumerate(model.class_names):
+        protos = [j for j in range(model.num_prototypes) if int(model.prototype_class[j]) == c]
+        cards = [_gallery_card(model, j, c, sources, push, labels, paths, dist[j], index[j],
+                               boxes[j], weights, out_dir) for j in protos]
+        sections.append(f"<h2>Class {esc(cname)} ({len(protos)} prototypes)</h2>"
+                        + ("".join(cards) or "<p>No prototypes (all pruned).</p>"))
+    body = ('<p><a href="index.html">report index</a></p>'
+            + f"<p>Each prototype: its source training image with the patch boxed and the "
+            f"patch itself, then the {k} training patches nearest to it (one per image, any "
+            "class; green frame: same class as the prototype, red: another class). Boxes are "
+            "the 95th-percentile high-activation boxes.</p>" + _sources_note(model, sources)
+            + "\n".join(sections))
+    path = out_dir / GALLERY
+    write_page(path, f"Prototypes — {model.model_name} ({model.backbone.name})", body)
+    return path
+
+
+def _gallery_card(model, j, c, sources, push, labels, paths, dist, index, boxes, weights,
+                  out_dir: Path) -> str:
+    nearest = []
+    for i, box in zip(index.tolist(), boxes):
+        raw = push.raw_image(i)
+        patch = _patch(raw, box, raw.shape[0] * _scale(raw.shape[0]))
+        colour = GREEN if labels[i] == c else RED
+        nearest.append(draw_box(patch, (0, 0, patch.shape[1], patch.shape[0]), colour, width=3))
+    side = nearest[0].shape[0] if nearest else 192
+    panels = _source_panels(sources, j, side)[::-1] + [np.full((side, 4 * GAP, 3), 255, np.uint8)]
+    name = f"proto_{j:04d}.png"
+    save_png(out_dir / IMG / name, _row(panels + nearest))
+    rec = sources.record(j)
+    prov = ("not projected" if rec is None else
+            f"source {esc(Path(str(rec.get('image_path') or rec['image_index'])).name)}, "
+            f"cell {esc(rec['cell'])}, distance at push {_num(rec['distance'])}")
+    rows = [[str(n + 1), esc(Path(paths[i]).name),
+             f"<span class='{'ok' if labels[i] == c else 'bad'}'>"
+             f"{esc(model.class_names[int(labels[i])])}</span>", _num(d)]
+            for n, (i, d) in enumerate(zip(index.tolist(), dist.tolist()))]
+    return (f'<div class="card" id="proto-{j}"><h3>Prototype p{j}</h3>'
+            f"<p>{prov}; weight to its class {_num(weights[c, j])}</p>"
+            + img_tag(f"{IMG}/{name}", f"prototype {j} and its nearest patches")
+            + table(["nearest", "training image", "class", "distance"], rows) + "</div>")
+
+
+# ----------------------------------------------------------------------------- full report
+def _metrics_table(metrics: dict) -> str:
+    rows = [[esc(k), esc(f"{v:.4f}" if isinstance(v, float) else v)] for k, v in metrics.items()]
+    return "<h2>Test metrics</h2>" + table(["metric", "value"], rows)
+
+
+def write_evidence_report(model, data, out_dir: Path, metrics: dict, images=None,
+                          count: int = 8) -> Path:
+    """The ProtoPNet report: ``index.html`` (metrics, links), one local page per picked test
+    image and per user image in ``images``, ``prototypes.html`` and the PNGs under ``img/``."""
+    out_dir = Path(out_dir)
+    (out_dir / IMG).mkdir(parents=True, exist_ok=True)
+    was_training = model.training
+    model.eval()
+    try:
+        _write_pages(model, data, out_dir, metrics, images or [], count)
+    finally:
+        model.train(was_training)
+    return out_dir / "index.html"
+
+
+def _write_pages(model, data, out_dir: Path, metrics: dict, images: list, count: int) -> None:
+    from ..data.images import load_image_for_model
+    from ..evaluation import pick_examples
+
+    size = data.image_size
+    sources = PrototypeSources(model, data, size)
+    test = data.test
+    picked = pick_examples(test.labels, count)
+    items = [test[i] for i in picked]
+    loaded = [load_image_for_model(p, size, model.mean, model.std) for p in images]
+    tensors = [it["image"] for it in items] + [t for t, _ in loaded]
+    raws = [test.raw_image(i) for i in picked] + [r for _, r in loaded]
+    evidence = explain(model, torch.stack(tensors), raws) if tensors else []
+    rows, user_rows = [], []
+    for n, ev in enumerate(evidence):
+        user = n >= len(items)
+        stem = f"user_{n - len(items):03d}" if user else f"image_{n:03d}"
+        if user:
+            file, label, mask = Path(images[n - len(items)]).name, None, None
+        else:
+            it = items[n]
+            file, label = Path(it["path"]).name, int(it["label"])
+            mask = it["mask"][0].numpy() if "mask" in it else None
+        write_local_page(model, ev, sources, out_dir, stem, f"Evidence — {file}", label, mask,
+                         gallery=True, index=True)
+        cells = [f'<a href="{stem}.html">{img_tag(f"{IMG}/{stem}_input.png", file, 96)}</a>',
+                 f'<a href="{stem}.html">{esc(file)}</a>', _class_span(model, ev.pred, label)]
+        (user_rows if user else rows).append(cells + ([] if user else
+                                                      [esc(model.class_names[label])]))
+    write_gallery(model, data, out_dir, sources)
+    body = (_metrics_table(metrics)
+            + f'<h2>Prototypes</h2><p><a href="{GALLERY}">Prototype gallery</a>: all '
+              f"{model.num_prototypes} prototypes, their source patches and nearest training "
+              "patches.</p><h2>Test images</h2><p>Why did the model decide what it did? Each "
+              "page lists the prototypes that contributed most to the two top classes.</p>"
+            + table(["image", "file", "predicted", "true"], rows)
+            + (("<h2>Your images</h2>" + table(["image", "file", "predicted"], user_rows))
+               if user_rows else ""))
+    write_page(out_dir / "index.html",
+               f"Evidence report — {model.model_name} ({model.backbone.name})", body)
+
+
+def _class_span(model, pred: int, label: int | None) -> str:
+    cls = "" if label is None else f" class='{'ok' if pred == label else 'bad'}'"
+    return f"<span{cls}>{esc(model.class_names[pred])}</span>"
+
+
+# ----------------------------------------------------------------------------- public API
+def _as_input(model, image, size: int | None):
+    """(normalised tensor [3, H, W], raw uint8 [H, W, 3]) from a path, PIL image, uint8 array or
+    normalised tensor."""
+    from PIL import Image
+
+    from ..data import denormalize
+    from ..data.images import load_image_for_model, to_rgb
+
+    if isinstance(image, torch.Tensor):
+        if image.ndim != 3 or image.shape[0] != 3:
+            raise UserError(f"expected a normalised image tensor [3, H, W], got "
+                            f"{tuple(image.shape)}")
+        return image.float().cpu(), denormalize(image, model.mean, model.std)
+    if size is None:
+        raise UserError("the model does not record its input size (metadata 'image_size'); pass "
+                        "image_size=... or data=...")
+    if isinstance(image, (str, Path)):
+        return load_image_for_model(image, size, model.mean, model.std)
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(np.asarray(image, dtype=np.uint8))
+    if not isinstance(image, Image.Image):
+        raise UserError(f"cannot explain a {type(image).__name__}: give a file path, a PIL "
+                        "image or a normalised tensor [3, H, W]")
+    raw = np.asarray(to_rgb(image).resize((size, size), Image.BILINEAR), dtype=np.uint8).copy()
+    mean = torch.as_tensor(model.mean, dtype=torch.float32).view(3, 1, 1)
+    std = torch.as_tensor(model.std, dtype=torch.float32).view(3, 1, 1)
+    return (torch.from_numpy(raw).permute(2, 0, 1).float() / 255.0 - mean) / std, raw
+
+
+def evidence_report(model, image, out_dir, data=None, image_size: int | None = None) -> Path:
+    """Explain one image: write ``out_dir/index.html`` (+ ``img/*.png``) and return its path.
+
+    ``image`` is a file path, a PIL image (or uint8 array [H, W, 3]) or a normalised tensor
+    [3, H, W]. Prototype patches come from ``data.push`` when ``data`` is given, otherwise from
+    the source image paths recorded at push, when those files exist (the page says when not).
+    """
+    out_dir = Path(out_dir)
+    size = image_size or (data.image_size if data is not None else None) \
+        or model.metadata.get("image_size")
+    tensor, raw = _as_input(model, image, size)
+    was_training = model.training
+    model.eval()
+    try:
+        (ev,) = explain(model, tensor[None], [raw])
+        sources = PrototypeSources(model, data, size or raw.shape[0])
+        name = Path(image).name if isinstance(image, (str, Path)) else "image"
+        return write_local_page(model, ev, sources, out_dir, "index", f"Evidence — {name}")
+    finally:
+        model.train(was_training)

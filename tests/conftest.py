@@ -1,0 +1,19 @@
+"""Shared test helpers: the repository root on sys.path and an environment for subprocesses."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the package is used from the checkout, not installed
+    sys.path.insert(0, str(ROOT))
+
+
+def subprocess_env(**extra: str) -> dict:
+    """The current environment with the checkout importable and no GPU or thread surprises."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env.setdefault("CUDA_VISIBLE_DEVICES", "")
+    env.update(extra)
+    return env

@@ -1,0 +1,159 @@
+"""The training engine end to end through train.py: run files, YAML + flags, kill/resume
+determinism, and DDP on CPU (two gloo processes)."""
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import protozoo
+import train
+from conftest import ROOT, subprocess_env
+
+# digits: real data that ships with scikit-learn; 600 training images make an epoch take a
+# couple of seconds on two CPU cores, long enough to be killed in the middle of one.
+DIGITS = ["--dataset", "digits", "--model", "cam", "--backbone", "tiny_cnn", "--num-train", "600",
+          "--num-test", "100", "--seed", "3"]
+RUN_FILES = {"train_config.json", "log.jsonl", "curves.png", "model.safetensors", "config.json",
+             "train_state.pt", "metrics.json", "report"}
+
+
+def _records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def _assert_complete(run: Path, epochs: int) -> None:
+    assert RUN_FILES <= {p.name for p in run.iterdir()}
+    assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
+    records = _records(run)
+    assert [r["epoch"] for r in records] == list(range(1, epochs + 1))
+    for r in records:
+        assert {"train/loss", "train/accuracy", "val/accuracy", "val/loss", "lr"} <= set(r)
+        assert 0.0 <= r["train/accuracy"] <= 1.0 and 0.0 <= r["val/accuracy"] <= 1.0
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert {"accuracy", "mean_class_accuracy"} <= set(metrics)
+    assert (run / "report" / "index.html").is_file()
+    assert json.loads((run / "config.json").read_text())["model"] == "cam"
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """An uninterrupted 2-epoch run; the YAML says 5 epochs, batch 32 and lr 2e-3 (a string to
+    YAML 1.1), the flag says 2 epochs."""
+    tmp = tmp_path_factory.mktemp("reference")
+    (tmp / "cfg.yaml").write_text("epochs: 5\nbatch-size: 32\nlr: 2e-3\n")
+    run = tmp / "run"
+    assert train.main(DIGITS + ["--config", str(tmp / "cfg.yaml"), "--epochs", "2",
+                                "--out", str(run)]) == 0
+    return run
+
+
+def test_training_writes_a_complete_run_directory(reference_run):
+    _assert_complete(reference_run, epochs=2)
+    records = _records(reference_run)
+    # cosine over 2 epochs from the YAML's lr: 0.002, then 0.002 * (1 + cos(pi/2)) / 2 = 0.001
+    assert [r["lr"] for r in records] == pytest.approx([0.002, 0.001])
+    assert records[-1]["train/loss"] < records[0]["train/loss"]
+    assert json.loads((reference_run / "metrics.json").read_text())["num_test_images"] == 100
+    state = torch.load(reference_run / "train_state.pt", weights_only=True)
+    assert state["position"] == {"phase": 1, "epoch": 0, "global_epoch": 2, "finished": True}
+    model = protozoo.load(reference_run)
+    assert model.class_names == [str(d) for d in range(10)]
+    assert json.loads((reference_run / "config.json").read_text())["image_size"] == 32
+
+
+def test_yaml_then_flags(reference_run):
+    cfg = json.loads((reference_run / "train_config.json").read_text())
+    assert cfg["epochs"] == 2  # flag beats YAML
+    assert cfg["batch_size"] == 32 and cfg["lr"] == 0.002  # YAML beats defaults
+    assert cfg["dataset"] == "digits" and cfg["out"] == str(reference_run)
+    assert len(_records(reference_run)) == 2
+
+
+def test_resume_of_a_finished_run_does_nothing(reference_run, capsys):
+    before = (reference_run / "log.jsonl").read_bytes()
+    assert train.main(["--resume", str(reference_run)]) == 0
+    assert "already finished" in capsys.readouterr().out
+    assert (reference_run / "log.jsonl").read_bytes() == before
+
+
+def _wait_for(predicate, proc, timeout=120.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"train.py ended early ({proc.returncode}): {err[-2000:]}")
+        time.sleep(0.02)
+    proc.kill()
+    pytest.fail("timed out waiting for the first epoch")
+
+
+def test_killed_run_resumes_to_the_same_weights(reference_run, tmp_path):
+    (tmp_path / "cfg.yaml").write_text("epochs: 5\nbatch-size: 32\nlr: 2e-3\n")
+    run = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "train.py"), *DIGITS, "--config", str(tmp_path / "cfg.yaml"),
+           "--epochs", "2", "--out", str(run)]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=subprocess_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    # train_state.pt appears (atomically) at the end of epoch 1; epoch 2 starts right after.
+    _wait_for(lambda: (run / "train_state.pt").is_file(), proc)
+    time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    assert len(_records(run)) == 1, "the kill should land in epoch 2"
+    assert torch.load(run / "train_state.pt", weights_only=True)["position"]["epoch"] == 1
+    assert not (run / "metrics.json").exists()
+
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--resume", str(run)],
+                            cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    _assert_complete(run, epochs=2)
+    ours, theirs = _records(run), _records(reference_run)
+    for mine, ref in zip(ours, theirs):
+        for key in ("train/loss", "train/accuracy", "val/loss", "val/accuracy", "lr"):
+            assert mine[key] == pytest.approx(ref[key], abs=1e-5), key
+    weights, reference = load_file(str(run / "model.safetensors")), \
+        load_file(str(reference_run / "model.safetensors"))
+    assert weights.keys() == reference.keys()
+    for key in weights:
+        torch.testing.assert_close(weights[key], reference[key], atol=1e-5, rtol=0, msg=key)
+    assert (json.loads((run / "metrics.json").read_text())["accuracy"]
+            == pytest.approx(json.loads((reference_run / "metrics.json").read_text())["accuracy"]))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_on_cpu_writes_one_complete_run(tmp_path):
+    # No --out: every process must agree on the time-stamped default folder.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           f"--master_port={_free_port()}", str(ROOT / "train.py"), "--dataset", "digits",
+           "--model", "cam", "--backbone", "tiny_cnn", "--num-train", "300", "--num-test", "100",
+           "--epochs", "2", "--device", "cpu"]
+    result = subprocess.run(cmd, cwd=tmp_path, env=subprocess_env(OMP_NUM_THREADS="1"),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [p.name for p in tmp_path.iterdir()] == ["runs"]
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1 and runs[0].name.startswith("cam-digits-")
+    _assert_complete(runs[0], epochs=2)
+    # the state dict has no DDP "module." prefix and loads into a plain model
+    model = protozoo.load(runs[0])
+    assert not any(k.startswith("module.") for k in model.state_dict())
+    assert result.stdout.count("test: accuracy=") == 1  # one process evaluates and reports
