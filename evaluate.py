@@ -7,9 +7,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from protozoo.errors import run_cli
+from protozoo.errors import UserError, run_cli
 from protozoo.evaluation import evaluate_run
 
 
@@ -25,6 +26,12 @@ def main(argv=None) -> int:
     p.add_argument("--data-dir")
     p.add_argument("--batch-size", type=int)
     args = p.parse_args(argv)
+    # Checked before the (long) evaluation, so a typo in a path fails at once.
+    missing = [path for path in args.images if not os.path.isfile(path)]
+    if missing:
+        raise UserError(f"image '{missing[0]}' not found (or not a file): check the --images paths")
+    if args.images and not args.report:
+        raise UserError("--images are explained in the report: drop --no-report")
     overrides = {"dataset": args.dataset, "data_dir": args.data_dir, "batch_size": args.batch_size}
     metrics = evaluate_run(args.run, device=args.device, report=args.report, images=args.images,
                            overrides=overrides)

@@ -108,7 +108,6 @@ def test_train_cuda_without_gpu(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("script, args, message", [
     ("train.py", ["--model", "camm", "--dataset", "digits"], "did you mean cam?"),
-    ("evaluate.py", ["nowhere"], "checkpoint folder 'nowhere' not found"),
 ])
 def test_real_process_exit_status_and_stderr(tmp_path, script, args, message):
     (tmp_path / "bad.yaml").write_text("epochs: [1, 2\n")
@@ -121,6 +120,8 @@ def test_real_process_exit_status_and_stderr(tmp_path, script, args, message):
 
 def test_evaluate_bad_input(tmp_path, capsys):
     (tmp_path / "notrun").mkdir()
+    assert run_cli(evaluate.main, [str(tmp_path / "nowhere")]) == 2
+    assert "checkpoint folder" in _one_error_line(capsys.readouterr().err)
     assert run_cli(evaluate.main, [str(tmp_path / "notrun")]) == 2
     assert "has no config.json" in _one_error_line(capsys.readouterr().err)
     # a bare checkpoint (protozoo.save, no train_config.json) needs --dataset ...
@@ -158,9 +159,13 @@ def synthetic_run(tmp_path_factory):
     return run
 
 
-def test_evaluate_writes_metrics_and_report(synthetic_run, capsys):
+def test_evaluate_writes_metrics_and_report(synthetic_run, tmp_path, capsys):
     assert not (synthetic_run / "metrics.json").exists()  # --no-report skipped evaluation
-    assert evaluate.main([str(synthetic_run)]) == 0
+    rgba = np.zeros((40, 30, 4), dtype=np.uint8)  # a user image: RGBA, not square, odd name
+    rgba[..., 0] = 200
+    rgba[:, :15, 3] = 255
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "<mine>.png")
+    assert evaluate.main([str(synthetic_run), "--images", str(tmp_path / "<mine>.png")]) == 0
     metrics = json.loads((synthetic_run / "metrics.json").read_text())
     for key in ("accuracy", "mean_class_accuracy", "cam_iou", "pointing_game",
                 "localization_accuracy"):
@@ -176,6 +181,16 @@ def test_evaluate_writes_metrics_and_report(synthetic_run, capsys):
         assert (report / src).is_file(), src
         assert (report / src).read_bytes()[:4] == b"\x89PNG"
     assert f"{metrics['cam_iou']:.4f}" in html
+    assert "user_000.png" in sources and "&lt;mine&gt;.png" in html
+    assert np.asarray(Image.open(report / "user_000.png")).shape[0] == 64 * 3  # 64 px, x3
+    before = (synthetic_run / "metrics.json").read_bytes()
+    assert run_cli(evaluate.main, [str(synthetic_run), "--images",
+                                   str(tmp_path / "missing.png")]) == 2
+    assert "missing.png' not found" in _one_error_line(capsys.readouterr().err)
+    assert run_cli(evaluate.main, [str(synthetic_run), "--no-report", "--images",
+                                   str(tmp_path / "<mine>.png")]) == 2
+    assert "drop --no-report" in _one_error_line(capsys.readouterr().err)
+    assert (synthetic_run / "metrics.json").read_bytes() == before  # failed fast, wrote nothing
 
 
 # ----------------------------------------------------------------------------- HTML escaping

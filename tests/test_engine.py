@@ -18,9 +18,9 @@ import protozoo
 import train
 from conftest import ROOT, subprocess_env
 
-# digits: real data that ships with scikit-learn; 600 training images make an epoch take a
-# couple of seconds on two CPU cores, long enough to be killed in the middle of one.
-DIGITS = ["--dataset", "digits", "--model", "cam", "--backbone", "tiny_cnn", "--num-train", "600",
+# digits: real data that ships with scikit-learn; 400 training images make an epoch take a
+# second or more on two CPU cores, long enough to be killed in the middle of one.
+DIGITS = ["--dataset", "digits", "--model", "cam", "--backbone", "tiny_cnn", "--num-train", "400",
           "--num-test", "100", "--seed", "3"]
 RUN_FILES = {"train_config.json", "log.jsonl", "curves.png", "model.safetensors", "config.json",
              "train_state.pt", "metrics.json", "report"}
@@ -144,7 +144,7 @@ def test_ddp_on_cpu_writes_one_complete_run(tmp_path):
     # No --out: every process must agree on the time-stamped default folder.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
            f"--master_port={_free_port()}", str(ROOT / "train.py"), "--dataset", "digits",
-           "--model", "cam", "--backbone", "tiny_cnn", "--num-train", "300", "--num-test", "100",
+           "--model", "cam", "--backbone", "tiny_cnn", "--num-train", "200", "--num-test", "60",
            "--epochs", "2", "--device", "cpu"]
     result = subprocess.run(cmd, cwd=tmp_path, env=subprocess_env(OMP_NUM_THREADS="1"),
                             capture_output=True, text=True, timeout=300)

@@ -110,16 +110,12 @@ def _save_grid(path: Path, panels: list[np.ndarray], columns: int = 4) -> None:
 def _user_image_rows(model, paths, out_dir: Path, image_size: int, scale: int) -> str:
     if not paths:
         return ""
-    from ..data.images import decode_sample
+    from ..data.images import load_image_for_model
 
     rows = []
     device = next(model.parameters()).device
-    mean = torch.tensor(model.mean).view(3, 1, 1)
-    std = torch.tensor(model.std).view(3, 1, 1)
     for n, path in enumerate(paths):
-        # decode_sample: the loaders' rules (RGB, alpha onto white, bilinear resize) and errors.
-        raw = decode_sample(path, image_size).image
-        tensor = (torch.from_numpy(raw).permute(2, 0, 1).float() / 255.0 - mean) / std
+        tensor, raw = load_image_for_model(path, image_size, model.mean, model.std)
         with torch.no_grad():
             out = model(tensor[None].to(device))
         pred = int(out.logits.argmax(1))
