@@ -109,7 +109,7 @@ def new_run_dir(cfg: TrainConfig, dist) -> Path:
         torch.distributed.broadcast_object_list(holder, src=0)
         out = holder[0]
     run_dir = Path(out)
-    if run_dir.exists() and any(run_dir.iterdir()) and dist.is_main:
+    if run_dir.exists() and any(run_dir.iterdir()):  # every process stops, not only rank 0
         raise UserError(f"run directory '{run_dir}' already exists; continue it with --resume "
                         f"{run_dir} or choose another --out")
     return run_dir

@@ -132,8 +132,9 @@ def evidence_on_part(model, output, batch: dict, percentile: float = 95.0,
     to the predicted class; its patch on the image is the high-activation box of its similarity
     map upsampled to the image (``percentile``-th percentile, :func:`maps.percentile_box`, the
     same rule as push provenance and the evidence report). A hit is an overlap coefficient
-    ``|box & mask| / min(|box|, |mask|) >= threshold`` (0.5) with ``batch["mask"]`` ``[B, 1, H, W]``:
-    the box lies mostly on the part, or covers most of it. Returns float ``[B]`` of 0/1.
+    ``|box & mask| / min(|box|, |mask|) >= threshold`` (0.5) with ``batch["mask"]``
+    ``[B, 1, H, W]``: the box lies mostly on the part, or covers most of it. Returns float ``[B]``
+    of 0/1.
     """
     from .maps import percentile_box
 

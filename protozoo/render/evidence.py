@@ -212,7 +212,7 @@ def _source_panels(sources: PrototypeSources, j: int, side: int,
     if rec is None or src is None:
         return [_blank(side), _blank(side)]
     box = rec["high_activation_box"]
-    return [_patch(src, box, side), _big(src, box)]
+    return [_patch(src, box, side), _big(src, box, target=target)]
 
 
 def evidence_row(ev: Evidence, j: int, sources: PrototypeSources) -> np.ndarray:
