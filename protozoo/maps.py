@@ -5,6 +5,8 @@ what "the box of a map" means.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -58,3 +60,25 @@ def box_iou(a, b) -> float:
     inter = ix * iy
     union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
     return inter / union if union > 0 else 0.0
+
+
+def percentile_boxes(heatmaps: torch.Tensor, percentile: float = 95.0) -> torch.Tensor:
+    """Batched :func:`percentile_box` on the device: ``[N, H, W]`` -> ``[N, 4]`` long boxes.
+
+    ``np.percentile`` (linear interpolation) at q lies between the order statistics at
+    ``floor(q (n - 1))`` and ``ceil(q (n - 1))``, so "pixels >= the percentile" are exactly the
+    pixels >= the order statistic at ``ceil(q (n - 1))``: one ``kthvalue`` per map, no loop.
+    """
+    n, h, w = heatmaps.shape
+    flat = heatmaps.reshape(n, -1).float()
+    k = math.ceil(percentile / 100.0 * (h * w - 1)) + 1  # 1-based rank for kthvalue
+    threshold = flat.kthvalue(k, dim=1).values.view(n, 1, 1)
+    keep = heatmaps.float() >= threshold
+    rows, cols = keep.any(2), keep.any(1)  # [N, H], [N, W]
+    ar_h = torch.arange(h, device=heatmaps.device)
+    ar_w = torch.arange(w, device=heatmaps.device)
+    y0 = torch.where(rows, ar_h, h).amin(1)
+    y1 = torch.where(rows, ar_h, -1).amax(1) + 1
+    x0 = torch.where(cols, ar_w, w).amin(1)
+    x1 = torch.where(cols, ar_w, -1).amax(1) + 1
+    return torch.stack([x0, y0, x1, y1], 1)

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .engine import autocast_for, to_device
-from .maps import percentile_box, upsample
+from .maps import percentile_boxes, upsample
 
 
 @dataclass
@@ -110,7 +110,8 @@ def _distances_to(model, feats: torch.Tensor, vectors: torch.Tensor) -> torch.Te
 def _provenance(model, dataset, image, cell, best, maps, percentile) -> list[dict]:
     size = model.metadata.get("image_size") or _image_size(dataset)
     geometry = model.backbone.geometry
-    up = upsample(maps[:, None], (size, size))[:, 0].cpu().numpy()
+    # upsample + high-activation boxes for all prototypes at once, on the device
+    boxes = percentile_boxes(upsample(maps[:, None], (size, size))[:, 0], percentile).tolist()
     paths = getattr(dataset, "paths", None)
     records = []
     for j in range(len(best)):
@@ -123,7 +124,7 @@ def _provenance(model, dataset, image, cell, best, maps, percentile) -> list[dic
             "cell": [r, c],
             "distance": float(best[j]),
             "receptive_field_box": list(geometry.cell_box(r, c, size, size)),
-            "high_activation_box": list(percentile_box(up[j], percentile)),
+            "high_activation_box": boxes[j],
         })
     return records
 
