@@ -320,6 +320,8 @@ def nearest_patch_boxes(model, dataset, k: int = NEAREST, batch_size: int = 128)
         where[ids] = torch.arange(len(ids))
         hit = where[flat_i] >= 0
         maps[hit] = sim[where[flat_i[hit]], flat_j[hit]]
+    if maps is None:  # an empty push set
+        return dist, index, [[] for _ in range(P)]
     size = tuple(dataset.raw_image(0).shape[:2])
     up = upsample(maps[:, None], size)[:, 0].numpy()
     boxes = [percentile_box(m, PERCENTILE) for m in up]
