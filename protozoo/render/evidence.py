@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError, UserError
-from ..maps import percentile_box, upsample
+from ..maps import percentile_box, percentile_boxes, upsample
 from .html import esc, img_tag, table, write_page
 from .overlay import draw_box, heatmap_overlay, save_png, upscale
 
@@ -323,8 +323,8 @@ def nearest_patch_boxes(model, dataset, k: int = NEAREST, batch_size: int = 128)
     if maps is None:  # an empty push set
         return dist, index, [[] for _ in range(P)]
     size = tuple(dataset.raw_image(0).shape[:2])
-    up = upsample(maps[:, None], size)[:, 0].numpy()
-    boxes = [percentile_box(m, PERCENTILE) for m in up]
+    boxes = [tuple(b) for b in
+             percentile_boxes(upsample(maps[:, None], size)[:, 0], PERCENTILE).tolist()]
     return dist, index, [boxes[j * k:(j + 1) * k] for j in range(P)]
 
 
