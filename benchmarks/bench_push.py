@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -34,14 +33,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
-try:
-    import protozoo
-except ImportError:  # running from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import protozoo
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import header, protozoo, sync, three_conv_distances  # noqa: E402
 from protozoo.engine import autocast_for, resolve_device, to_device
 from protozoo.projection import compute_push, scan_nearest
 
@@ -87,15 +82,6 @@ def inference_pass(model, dataset, batch_size: int, device: torch.device, amp: s
             features = model.add_on(model.backbone(batch["image"]))
         features.float()  # push works on fp32 features too
     model.train(was)
-
-
-def three_conv_distances(features, prototypes, ones):
-    """The official ``_l2_convolution``: ``relu(conv(x**2, ones) - 2 conv(x, p) + ||p||^2)``."""
-    p = prototypes.view(prototypes.shape[0], prototypes.shape[1], 1, 1)
-    x2_patch_sum = F.conv2d(features ** 2, ones)
-    p2 = (p ** 2).sum(dim=(1, 2, 3)).view(-1, 1, 1)
-    xp = F.conv2d(features, p)
-    return F.relu(x2_patch_sum + (-2 * xp + p2))
 
 
 @torch.no_grad()
@@ -169,32 +155,6 @@ def official_style_push(model, dataset, batch_size: int, device: torch.device, a
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def header(title: str, device: torch.device) -> None:
-    print(f"== {title}")
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        cuda = f"CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}"
-    else:
-        name = platform.processor() or platform.machine()
-        try:
-            with open("/proc/cpuinfo") as handle:
-                name = next(line.split(":", 1)[1].strip() for line in handle
-                            if line.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
-        cuda = "no CUDA"
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-    print(f"device: {device} ({name}); torch {torch.__version__} ({cuda}); "
-          f"protozoo {protozoo.__version__}; python {platform.python_version()}")
-    print(f"threads: torch {torch.get_num_threads()} / cpu_count {os.cpu_count()}; "
-          f"load average (1/5/15 min): {load}")
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
 
 def timed(fn, device: torch.device):
     sync(device)
