@@ -138,22 +138,37 @@ def all_reduce_sums(sums: dict[str, torch.Tensor], dist: DistInfo) -> dict[str, 
     return dict(zip(keys, packed.tolist()))
 
 
-def evaluate_loss_accuracy(model, dataset: Dataset, cfg: TrainConfig, dist: DistInfo,
-                           loss_weights: dict | None = None) -> dict[str, float]:
-    """Accuracy and loss terms over ``dataset``, reduced across processes."""
-    sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=dist.device))
-    for batch, output in iterate(model, shard(dataset, dist), cfg.batch_size, dist.device,
-                                 cfg.amp, cfg.workers):
-        n = len(batch["label"])
-        for name, value in model.objective(output, batch, **(loss_weights or {})).items():
-            sums[name] += value.detach().float() * n
-        sums["correct"] += (output.logits.argmax(1) == batch["label"]).sum()
-        sums["count"] += n
+def _new_sums(dist: DistInfo) -> dict[str, torch.Tensor]:
+    return defaultdict(lambda: torch.zeros((), device=dist.device))
+
+
+def _accumulate(sums: dict, terms: dict, output, batch: dict) -> None:
+    """Add one batch's loss terms (weighted by its size), correct count and size to ``sums``;
+    stays on the device (no ``.item()`` sync per step)."""
+    n = len(batch["label"])
+    for name, value in terms.items():
+        sums[name] += value.detach().float() * n
+    sums["correct"] += (output.logits.argmax(1) == batch["label"]).sum()
+    sums["count"] += n
+
+
+def _averages(sums: dict, dist: DistInfo) -> dict[str, float]:
+    """Accuracy and mean loss terms from ``_accumulate``'s sums, reduced across processes."""
     totals = all_reduce_sums(sums, dist)
     count = max(totals.pop("count", 0.0), 1.0)
     metrics = {"accuracy": totals.pop("correct", 0.0) / count}
     metrics.update({k: v / count for k, v in totals.items()})
     return metrics
+
+
+def evaluate_loss_accuracy(model, dataset: Dataset, cfg: TrainConfig, dist: DistInfo,
+                           loss_weights: dict | None = None) -> dict[str, float]:
+    """Accuracy and loss terms over ``dataset``, reduced across processes."""
+    sums = _new_sums(dist)
+    for batch, output in iterate(model, shard(dataset, dist), cfg.batch_size, dist.device,
+                                 cfg.amp, cfg.workers):
+        _accumulate(sums, model.objective(output, batch, **(loss_weights or {})), output, batch)
+    return _averages(sums, dist)
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -309,7 +324,7 @@ class Trainer:
         sampler.set_epoch(global_epoch)
         torch.manual_seed(self.cfg.seed * 100003 + global_epoch)  # augmentation of this epoch
         self.model.train()
-        sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.dist.device))
+        sums = _new_sums(self.dist)
         bar = tqdm(loader, desc=f"{phase.name} epoch {global_epoch + 1}", leave=False,
                    disable=None if self.dist.is_main else True)
         for batch in bar:
@@ -328,16 +343,8 @@ class Trainer:
                 scaler.update()
             else:
                 optimizer.step()
-            n = len(batch["label"])
-            for name, value in terms.items():
-                sums[name] += value.detach().float() * n
-            sums["correct"] += (output.logits.argmax(1) == batch["label"]).sum()
-            sums["count"] += n
-        totals = all_reduce_sums(sums, self.dist)
-        count = max(totals.pop("count", 0.0), 1.0)
-        metrics = {"accuracy": totals.pop("correct", 0.0) / count}
-        metrics.update({k: v / count for k, v in totals.items()})
-        return metrics
+            _accumulate(sums, terms, output, batch)
+        return _averages(sums, self.dist)
 
 
 def _scheduled_lr(base: float, phase: Phase, epoch: int) -> float:
