@@ -28,6 +28,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config", help="YAML file of options; command-line flags override it")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last epoch")
+    p.add_argument("--base", metavar="RUN_DIR", help="--model niwt: the run of the seen-class "
+                   "classifier it extends (whose data settings are the defaults)")
     p.add_argument("--model", help=f"one of {', '.join(protozoo.list_models())} (default protopnet)")
     p.add_argument("--backbone", help="tiny_cnn, small_cnn or any timm model (default tiny_cnn)")
     p.add_argument("--pretrained", help="'timm' for timm's weights, or a weights file path")
@@ -78,10 +80,17 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
     """Defaults, then the YAML file, then the flags that were given."""
     values = read_yaml(args.config) if args.config else {}
     flags = {k: v for k, v in vars(args).items()
-             if v is not None and k not in ("config", "resume", "model_arg", "loss_weight")}
+             if v is not None and k not in ("config", "resume", "model_arg", "loss_weight", "base")}
     if flags.get("pretrained") == "timm":
         flags["pretrained"] = True
     values.update(flags)
+    if args.base:  # a head on a trained run: its data settings, unless flags say otherwise
+        from protozoo.models.niwt import inherited_config
+
+        values = {**inherited_config(args.base), **values, "model_args": {
+            **values.get("model_args", {}), "base": args.base}}
+        if values.get("model") != "niwt":
+            raise UserError("--base RUN_DIR is for --model niwt (a head on a trained run)")
     values["model_args"] = {**values.get("model_args", {}), **_key_values(args.model_arg,
                                                                           "--model-arg")}
     values["loss_weights"] = {**values.get("loss_weights", {}),
@@ -89,7 +98,11 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig.from_dict(values, source=args.config or "flags")
 
 
-def build_model(cfg: TrainConfig, class_names: list[str]):
+def build_model(cfg: TrainConfig, class_names: list[str], data=None):
+    if cfg.model == "niwt":  # extends a trained run (--base) instead of starting from scratch
+        from protozoo.models.niwt import niwt_from_base
+
+        return niwt_from_base(cfg, data)
     kwargs = dict(backbone=cfg.backbone, class_names=class_names, **cfg.model_args)
     if cfg.pretrained:
         kwargs["pretrained"] = cfg.pretrained
@@ -146,7 +159,7 @@ def main(argv=None) -> int:
         model.metadata = json.loads(resume["metadata"])
         protozoo.checkpoint.load_state(model, resume["model"], source=str(run_dir / "train_state.pt"))
     else:
-        model = build_model(cfg, data.class_names)
+        model = build_model(cfg, data.class_names, data)
         run_dir = new_run_dir(cfg, dist)
     model.metadata["image_size"] = data.image_size
     model.backbone.check_input(torch.zeros(1, 3, data.image_size, data.image_size))

@@ -211,6 +211,39 @@ def small_cnn(stage: int = -1) -> StagedCNN:
     return StagedCNN([32, 64, 64, 128, 128, 256], [True, False, True, False, True, False], stage)
 
 
+class StridedCNN(nn.Module):
+    """3x3 stride-2 convs (BN + ReLU), no pooling; ``stage`` cuts it like :class:`StagedCNN`.
+
+    Halving the map with the conv itself (not a max-pool) is what Santoro et al.'s Sort-of-CLEVR
+    CNN does; it keeps the layer count, and so the cost, tiny.
+    """
+
+    def __init__(self, widths: list[int], stage: int = -1):
+        super().__init__()
+        stage = stage % len(widths)
+        cins = [3] + widths[:-1]
+        self.stages = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(ci, co, 3, stride=2, padding=1, bias=False),
+                          nn.BatchNorm2d(co), nn.ReLU(inplace=True))
+            for ci, co in zip(cins[: stage + 1], widths[: stage + 1]))
+        self.out_channels = widths[stage]
+        self.reduction = 2 ** (stage + 1)
+
+    def forward(self, x):
+        outs = []
+        for stage in self.stages:
+            x = stage(x)
+            outs.append(x)
+        return outs
+
+
+@BUILTIN.register("rn_cnn")
+def rn_cnn(stage: int = -1) -> StridedCNN:
+    """Santoro et al. 2017's Sort-of-CLEVR CNN: 4 convs of 24 channels, 3x3 stride 2, BN + ReLU;
+    stride 16, 75 px -> 5x5 cells (the paper's 25 "objects"), receptive field 31 px."""
+    return StridedCNN([24, 24, 24, 24], stage)
+
+
 # ----------------------------------------------------------------------------- public API
 
 @functools.lru_cache(maxsize=1)

@@ -70,8 +70,10 @@ def evaluate_run(run_dir, model=None, data=None, device="auto", report: bool = T
     cfg = run_config(run_dir, overrides)
     if data is None:
         data = build_eval_data(cfg, model)
-    if len(data.class_names) != model.num_classes:
-        raise UserError(f"the model has {model.num_classes} classes but dataset '{cfg.dataset}' "
+    # a zero-shot head (NIWT) classifies over more classes than its data trains on
+    trained_on = len(getattr(model, "data_class_names", model.class_names))
+    if len(data.class_names) != trained_on:
+        raise UserError(f"the model has {trained_on} classes but dataset '{cfg.dataset}' "
                         f"has {len(data.class_names)}; evaluate on the data it was trained on")
     model.to(device)
     metrics = test_metrics(model, data.test, cfg.batch_size, device, cfg.amp)

@@ -35,3 +35,16 @@ class PrototypeOutput(ModelOutput):
     min_distances: torch.Tensor  # [B, P], global min-pool of ``distances``
     similarities: torch.Tensor  # [B, P], similarity of the closest cell (what the last layer sees)
     similarity_maps: torch.Tensor  # [B, P, h, w]
+
+
+@dataclass
+class VQAOutput(ModelOutput):
+    """Attention VQA (Yang et al. 2016; Malinowski et al. 2018): where the model looked.
+
+    ``attention[b, t]`` sums to 1 over the cells for every hop t: SAN's softmax of hop t; hard
+    attention's kept cells, uniformly; 1/N for the baselines, which attend nowhere in particular.
+    """
+
+    attention: torch.Tensor  # [B, hops, h, w]
+    scores: torch.Tensor | None = None  # [B, h, w] hard attention: presence (embedding L2 norm)
+    kept: torch.Tensor | None = None  # [B, h, w] bool, hard attention: cells the reasoning saw

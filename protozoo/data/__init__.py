@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from protozoo.data.base import ImageDataset, stratified_split
+from protozoo.data.clevr import VQADataset, clevr_loader, scene_split, sort_of_clevr_loader
 from protozoo.data.cub import CUBDataset, cub_labels
 from protozoo.data.digits import DigitsDataset, digits_labels
 from protozoo.data.folder import (
@@ -26,10 +27,15 @@ from protozoo.data.folder import (
 from protozoo.data.synthetic_parts import (
     default_cache_dir, ensure_synthetic_parts, generate_synthetic_parts, read_meta,
 )
+from protozoo.data.synthetic_attributes import bundle_loader as _synthetic_attributes
+from protozoo.data.zero_shot import ZeroShotSplit, cub_zsl_loader as _cub_zsl  # noqa: F401
 from protozoo.errors import DataError
 
-DATASETS = ("synthetic-parts", "digits", "folder", "cub")
-DEFAULT_IMAGE_SIZE = {"synthetic-parts": 64, "digits": 32, "folder": 224, "cub": 224}
+DATASETS = ("synthetic-parts", "digits", "folder", "cub", "synthetic-attributes", "cub-zsl",
+            "sort-of-clevr", "clevr")
+DEFAULT_IMAGE_SIZE = {"synthetic-parts": 64, "digits": 32, "folder": 224, "cub": 224,
+                      "synthetic-attributes": 32, "cub-zsl": 224, "sort-of-clevr": 75,
+                      "clevr": 128}
 SYNTHETIC_DEFAULTS = {"num_classes": 5, "num_train": 3000, "num_test": 1000}
 # The generated images do not follow the run seed (which picks the validation split and the
 # training randomness): runs with different seeds are then scored on the same test set, and a
@@ -124,7 +130,10 @@ def _subset_indices(labels, count, seed: int):
 def _bundle(train_full: ImageDataset, test: ImageDataset, *, seed: int, val_fraction: float,
             augment: bool, extras: dict) -> DataBundle:
     """Carve validation out of the training split; train/push/val share one pixel store."""
-    kept, held = stratified_split(train_full.labels, val_fraction, seed)
+    if isinstance(train_full, VQADataset):  # by whole image: no image in both train and val
+        kept, held = scene_split(train_full, val_fraction, seed)
+    else:
+        kept, held = stratified_split(train_full.labels, val_fraction, seed)
     if held.size == 0:
         raise DataError("the training split is too small for a validation split: give every "
                         "class at least 2 training images")
@@ -194,12 +203,14 @@ def _cub(a: dict):
     return train, test, extras
 
 
-_LOADERS = {"synthetic-parts": _synthetic, "digits": _digits, "folder": _image_folder, "cub": _cub}
+_LOADERS = {"synthetic-parts": _synthetic, "digits": _digits, "folder": _image_folder, "cub": _cub,
+            "synthetic-attributes": _synthetic_attributes, "cub-zsl": _cub_zsl,
+            "sort-of-clevr": sort_of_clevr_loader, "clevr": clevr_loader}
 
 
 def build_data(name: str, *, data_dir=None, image_size=None, mean=(0.5,) * 3, std=(0.5,) * 3,
                num_classes=None, seed: int = 0, val_fraction: float = 0.1, augment: bool = False,
-               cache_dir=None, num_train=None, num_test=None) -> DataBundle:
+               cache_dir=None, num_train=None, num_test=None, vocab=None) -> DataBundle:
     """Build train/val/test/push for dataset ``name`` (one of :data:`DATASETS`).
 
     ``image_size`` defaults per dataset (synthetic-parts 64, digits 32, folder and cub 224).
@@ -209,12 +220,16 @@ def build_data(name: str, *, data_dir=None, image_size=None, mean=(0.5,) * 3, st
     ``~/.cache/protozoo``). For the other datasets ``num_classes`` is only checked against
     the data, and ``num_train``/``num_test`` keep a seeded stratified subset of about that many
     items (quick runs). ``val_fraction`` of every class of the training split becomes ``val``.
+    VQA data (sort-of-clevr, clevr; see :mod:`protozoo.data.clevr`): ``num_train``/``num_test``
+    count images (scenes), ``val`` holds out whole images, ``vocab`` (a model's word list)
+    encodes the questions instead of the vocabulary built from the training questions.
     """
     _check_name(name)
     _check_fraction(val_fraction)
     size = int(image_size) if image_size is not None else DEFAULT_IMAGE_SIZE[name]
     args = dict(data_dir=data_dir, image_size=size, mean=mean, std=std, num_classes=num_classes,
-                seed=int(seed), cache_dir=cache_dir, num_train=num_train, num_test=num_test)
+                seed=int(seed), cache_dir=cache_dir, num_train=num_train, num_test=num_test,
+                vocab=vocab)
     train_full, test, extras = _LOADERS[name](args)
     if name == "digits":
         _check_classes(num_classes, train_full.class_names, name)

@@ -1,5 +1,6 @@
 """Model families, one per file; importing this package registers them all."""
-from . import cam, protopnet  # noqa: F401
+from . import cam, protopnet, vqa  # noqa: F401
+from . import niwt  # noqa: F401  (NIWT zero-shot head)
 from .base import LogitsView, ZooModel
 
 __all__ = ["ZooModel", "LogitsView"]

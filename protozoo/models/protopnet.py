@@ -210,8 +210,11 @@ def protopnet_phases(cfg: TrainConfig, backbone: str) -> list[Phase]:
         joint = cfg.epochs if cfg.epochs is not None else 6
         last_epochs = 4
         last = {"last_layer": 1e-2 * scale}
+        import os
+        early = [Phase("push_after_warm", action="push")] if os.environ.get("PZ_EARLY") else []
         return [
             Phase("warm", 2, warm_lrs, weights, weight_decay=wd),
+            *early,
             Phase("joint", joint, joint_lrs, weights, weight_decay=wd, schedule="cosine"),
             Phase("push", action="push"),
             Phase("last_layer", last_epochs, last, weights),

@@ -24,4 +24,10 @@ def _family_writers() -> dict:
         writers["protopnet"] = write_evidence_report
     except ImportError:
         pass
+    try:
+        from .niwt_report import write_niwt_report
+
+        writers["niwt"] = write_niwt_report
+    except ImportError:
+        pass
     return writers

@@ -1,0 +1,191 @@
+"""NIWT's fitting action and its zero-shot evaluation, wired to data bundles.
+
+:func:`fit_niwt` runs the three steps of :mod:`protozoo.models.niwt` on a bundle with a zero-shot
+split (``extras["zero_shot"]``, :class:`protozoo.data.zero_shot.ZeroShotSplit`);
+:func:`zero_shot_metrics` scores NIWT and both baselines on the same features in one run.
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+from torch.utils.data import ConcatDataset, DataLoader, Subset
+
+from .. import zeroshot as zs
+from ..engine import iterate
+from ..errors import UserError
+
+
+def zero_shot_split(model, data):
+    """The bundle's :class:`ZeroShotSplit`, checked against the model's classes and attributes."""
+    split = getattr(data, "extras", {}).get("zero_shot")
+    if split is None:
+        raise UserError("NIWT needs a zero-shot dataset (synthetic-attributes or cub-zsl): this "
+                        "data has no unseen classes")
+    if list(split.class_names) != list(model.class_names):
+        raise UserError(f"the data's classes ({split.num_seen} seen + {split.num_unseen} unseen) "
+                        f"are not the model's ({model.num_seen} + "
+                        f"{model.num_classes - model.num_seen}); use the dataset it was built on")
+    if list(split.attribute_names) != list(model.attribute_names):
+        raise UserError("the data's attributes are not the ones the model was built with; use "
+                        "the dataset it was built on")
+    return split
+
+
+def collect_importances(model, dataset, batch_size: int, device) -> tuple[torch.Tensor, ...]:
+    """(importances [N, C] of every image's own class, labels [N]) over ``dataset``."""
+    alphas, labels = [], []
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        y = batch["label"].to(device)
+        alphas.append(model.importances(batch["image"].to(device), y)[0])
+        labels.append(y)
+    return torch.cat(alphas), torch.cat(labels)
+
+
+def collect_jacobians(model, dataset, count: int, batch_size: int, device, seed: int):
+    """Importance Jacobians [n, D, C] of a seeded sample of ``count`` images of ``dataset``."""
+    rng = np.random.default_rng(seed)
+    picked = np.sort(rng.permutation(len(dataset))[: min(count, len(dataset))])
+    jacobians = []
+    for batch in DataLoader(Subset(dataset, picked.tolist()), batch_size=max(1, batch_size // 4)):
+        jacobians.append(model.importance_jacobians(batch["image"].to(device)))
+    return torch.cat(jacobians)
+
+
+def _warn_if_degenerate(model, alphas, labels) -> bool:
+    if not zs.importances_are_constant(alphas, labels):
+        return False
+    warnings.warn(model.degenerate_message(), model.degenerate_warning, stacklevel=3)
+    return True
+
+
+@torch.no_grad()
+def _store(model, amap, unseen, head, alphas, attrs) -> None:
+    model.attribute_map.weight.copy_(amap.weight)
+    model.attribute_map.bias.copy_(amap.bias)
+    model.unseen_weight.copy_(unseen.weight)
+    model.unseen_bias.fill_(float(head.bias.mean()) if head.bias is not None else 0.0)
+    model.neuron_attribute_corr.copy_(zs.attribute_correlations(alphas, attrs))
+    model.fitted.fill_(True)
+
+
+def fit_niwt(model, data, device, batch_size: int = 64, seed: int = 0) -> dict:
+    """NIWT steps 1-3 on ``data`` (seen training images: ``data.push``); returns the log record."""
+    split = zero_shot_split(model, data)
+    hp, num_seen = model.hp, model.num_seen
+    model.to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        attributes = torch.as_tensor(split.class_attributes, device=device)
+        with torch.no_grad():
+            model.class_attributes.copy_(attributes)
+        alphas, labels = collect_importances(model, data.push, batch_size, device)
+        degenerate = _warn_if_degenerate(model, alphas, labels)
+        _, val_classes = zs.validation_classes(num_seen, hp["val_class_fraction"], seed)
+        amap = zs.fit_attribute_map(attributes[labels], alphas, labels, val_classes,
+                                    hp["map_steps"], hp["map_lr"], seed=seed)
+        targets = amap(attributes[num_seen:])
+        jacobians = collect_jacobians(model, data.push, hp["num_images"], batch_size, device, seed)
+        head = model.base.get_submodule(model.head_name)
+        unseen = zs.optimise_unseen_weights(
+            jacobians, targets, head.weight.detach(), reg_lambda=hp["reg_lambda"], lr=hp["lr"],
+            max_steps=hp["max_steps"], patience=hp["patience"],
+            min_improvement=hp["min_improvement"], seed=seed)
+        _store(model, amap, unseen, head, alphas, attributes[labels])
+    finally:
+        model.train(was_training)
+    model.metadata["niwt"] = {"val_classes": [split.class_names[k] for k in val_classes],
+                              "seed": seed}
+    return {"importance_images": len(alphas), "map_steps": amap.steps,
+            "map_val_cosine_distance": amap.val_loss, "unseen_steps": unseen.steps,
+            "unseen_loss": unseen.loss, "unseen_cosine": unseen.cosine,
+            "degenerate_layer": int(degenerate)}
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def _outputs(model, dataset, batch_size: int, device):
+    """(logits [N, K], penultimate features [N, D], labels [N]) as numpy arrays."""
+    logits, feats, labels = [], [], []
+    for batch, out in iterate(model, dataset, batch_size, device, amp="off"):
+        logits.append(out.logits.float().cpu())
+        feats.append(out.penultimate.float().cpu())
+        labels.append(batch["label"].cpu())
+    return (torch.cat(logits).numpy(), torch.cat(feats).numpy().astype(np.float64),
+            torch.cat(labels).numpy())
+
+
+def _linear_scores(features, weights):
+    return features @ weights[:, :-1].T + weights[:, -1]
+
+
+def explanation_precision(model, dataset, batch_size: int, device,
+                          top_k: int = 3) -> dict[str, float]:
+    """How often the attribute naming each of the top-k neurons of a prediction is an attribute
+    the predicted class has (binarised signature), against chance (the fraction of attributes a
+    class has); and how often the top neuron's map peaks on the object (ground-truth mask)."""
+    from ..maps import upsample
+    from ..metrics import pointing_game
+
+    signatures = zs.binarize_attributes(model.class_attributes.cpu().numpy())
+    hits, on_object = [], []
+    for batch in DataLoader(dataset, batch_size=batch_size):
+        images = batch["image"].to(device)
+        expl = model.explain(images, top_k=top_k)
+        for cls, names in zip(expl.classes.tolist(), expl.names):
+            for neuron in names:
+                top = neuron[0][0] if neuron else None
+                hits.append(top is not None and
+                            bool(signatures[cls, model.attribute_names.index(top)]))
+        if "mask" in batch:
+            maps = upsample(expl.maps[:, :1].float(), images.shape[-2:])[:, 0]
+            on_object.append(pointing_game(maps, batch["mask"][:, 0], tolerance=0.0))
+    result = {"explanation_attribute_precision": float(np.mean(hits)),
+              "explanation_attribute_chance": float(signatures.mean())}
+    if on_object:
+        result["explanation_top_neuron_on_object"] = float(torch.cat(on_object).mean())
+    return result
+
+
+def zero_shot_metrics(model, data, batch_size: int = 64) -> dict[str, float]:
+    """GZSL metrics (``gzsl_seen``, ``gzsl_unseen``, ``gzsl_h``, ``zsl_unseen``) of NIWT, then of
+    ``direct_regression/...`` and ``dap/...`` computed on the same seen classifier's features,
+    plus the explanation scores of :func:`explanation_precision`."""
+    split = zero_shot_split(model, data)
+    device = next(model.parameters()).device
+    num_seen = model.num_seen
+    seen_logits, seen_feats, seen_labels = _outputs(model, data.test, batch_size, device)
+    unseen_logits, unseen_feats, unseen_labels = _outputs(model, split.unseen_test, batch_size,
+                                                          device)
+    metrics = zs.gzsl_metrics(seen_logits, seen_labels, unseen_logits, unseen_labels, num_seen)
+
+    attributes = split.class_attributes.astype(np.float64)
+    head = model.base.get_submodule(model.head_name)
+    bias = head.bias if head.bias is not None else torch.zeros(num_seen)
+    seen_w = torch.cat([head.weight, bias[:, None]], 1).detach().cpu().double().numpy()
+    _, val_feats, val_labels = _outputs(model, data.val, batch_size, device)
+    names = model.metadata.get("niwt", {}).get("val_classes")
+    val_classes = [split.class_names.index(n) for n in names] if names else \
+        zs.validation_classes(num_seen, model.hp["val_class_fraction"], 0)[1]
+    ridge = zs.select_ridge_alpha(attributes[:num_seen], seen_w, val_feats, val_labels,
+                                  val_classes)
+    all_w = np.concatenate([seen_w, zs.direct_regression_weights(
+        attributes[:num_seen], seen_w, attributes[num_seen:], ridge)])
+    direct = zs.gzsl_metrics(_linear_scores(seen_feats, all_w), seen_labels,
+                             _linear_scores(unseen_feats, all_w), unseen_labels, num_seen)
+    metrics.update({f"direct_regression/{k}": v for k, v in direct.items()})
+    metrics["direct_regression/ridge_alpha"] = float(ridge)
+
+    _, train_feats, train_labels = _outputs(model, data.push, batch_size, device)
+    test_feats = np.concatenate([seen_feats, unseen_feats])
+    dap = zs.dap_scores(train_feats, train_labels, attributes, num_seen, test_feats)
+    dap_metrics = zs.gzsl_metrics(dap[: len(seen_feats)], seen_labels, dap[len(seen_feats):],
+                                  unseen_labels, num_seen)
+    metrics.update({f"dap/{k}": v for k, v in dap_metrics.items()})
+    both = ConcatDataset([data.test, split.unseen_test])
+    picked = np.random.default_rng(0).permutation(len(both))[:600]
+    metrics.update(explanation_precision(model, Subset(both, sorted(picked.tolist())),
+                                         batch_size, device))
+    return metrics

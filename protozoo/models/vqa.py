@@ -1,0 +1,480 @@
+"""Attention VQA: where the model looked, checkable against the objects the answer depends on.
+
+* ``san`` -- Stacked Attention Networks (Yang et al., "Stacked Attention Networks for Image
+  Question Answering", CVPR 2016): CNN map -> cell vectors ``v_I = tanh(W f + b)``, LSTM
+  question ``u``, K soft attention hops (:class:`~protozoo.attention.AttentionHop`, default 2),
+  answer from the final ``u``. Every hop's attention map is in the output.
+* ``han`` -- hard attention (Malinowski, Doersch, Santoro, Battaglia, "Learning Visual Question
+  Answering by Bootstrapping Hard Attention", ECCV 2018): the question is added to every cell's
+  features, a 1x1 conv gives cell embeddings, a cell's presence score is its embedding's L2 norm,
+  and only the top-k cells (default 25%) reach the reasoning module -- a Relation Network over the
+  kept cells (with their coordinates and the question) or pooling. ``adaptive=True`` is AdaHAN:
+  keep the cells whose softmax over the norms is at least 1/N.
+* ``cnn_lstm`` -- the no-attention baseline (Santoro et al.'s CNN+MLP with an LSTM question).
+* ``rn`` -- Relation Network over all cells (Santoro et al., "A simple neural network module for
+  relational reasoning", NeurIPS 2017), the cost hard attention is measured against.
+
+All take ``(image, question, question_length)`` (:meth:`VQAModel.inputs`) and return a
+:class:`~protozoo.outputs.VQAOutput`. The vocabulary is a constructor argument, so a checkpoint
+carries it and a loaded model can tokenise new questions (:meth:`VQAModel.encode_question`).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from ..attention import (AttentionHop, RelationModule, Selection, cell_coordinates, cell_norms,
+                         resolve_k, select_adaptive, select_top_k)
+from ..config import Phase, TrainConfig
+from ..errors import UserError
+from ..outputs import VQAOutput
+from ..registry import register_model
+from .base import ZooModel
+
+BUILTIN_DATASETS = ("sort-of-clevr",)
+PAD_ID = 0  # protozoo.data.text.PAD_ID: questions are padded with 0 at the end
+QUESTION_TYPES = {0: "accuracy_non_relational", 1: "accuracy_relational"}
+
+
+class QuestionEncoder(nn.Module):
+    """Word embedding + one-layer LSTM; the question is the LSTM's final hidden state.
+
+    The sequence is packed by ``question_length``: the padding after the last word never enters
+    the state, so the encoding does not depend on how far a question was padded."""
+
+    def __init__(self, vocab_size: int, word_dim: int, hidden: int):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, word_dim, padding_idx=PAD_ID)
+        self.lstm = nn.LSTM(word_dim, hidden, batch_first=True)
+
+    def forward(self, question: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        packed = pack_padded_sequence(self.embedding(question), lengths.cpu(), batch_first=True,
+                                      enforce_sorted=False)
+        _, (hidden, _) = self.lstm(packed)  # PyTorch restores the batch order of h_n
+        return hidden[-1]
+
+
+def _check_vocab(vocab, family: str) -> list[str]:
+    if vocab is None:
+        raise UserError(f"VQA model '{family}' needs vocab=[...] (token id -> word): pass the "
+                        "training vocabulary, DataBundle.extras['model_kwargs']['vocab']")
+    from ..data.text import Vocabulary  # validates: "<pad>", "<unk>" first, no duplicates
+
+    return Vocabulary(vocab).to_json()
+
+
+def cells_with_coordinates(features: torch.Tensor) -> torch.Tensor:
+    """``[B, C, h, w]`` -> ``[B, h*w, C + 2]``: every cell's features with its (x, y) in [-1, 1]."""
+    b, _, h, w = features.shape
+    coords = cell_coordinates(h, w, features.device, features.dtype)
+    return torch.cat([features.flatten(2).transpose(1, 2), coords.expand(b, -1, -1)], dim=2)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def cell_coverage(masks: torch.Tensor, grid: tuple[int, int], stride: int) -> torch.Tensor:
+    """Fraction of every feature cell covered by ``masks`` ``[B, 1, H, W]`` -> ``[B, h, w]``.
+
+    Area averaging over each cell's ``stride x stride`` footprint; where the grid reaches past
+    the image (75 px = 4.7 cells of 16 px), the part outside counts as uncovered."""
+    h, w = grid
+    height, width = masks.shape[-2:]
+    pad_h, pad_w = max(h * stride - height, 0), max(w * stride - width, 0)
+    masks = F.pad(masks.float(), (0, pad_w, 0, pad_h))
+    return F.adaptive_avg_pool2d(masks, (h, w))[:, 0]
+
+
+def attention_metrics(attention: torch.Tensor, coverage: torch.Tensor,
+                      tie_break: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Per-image scores of one attention map ``[B, h, w]`` against the cell ``coverage``.
+
+    * ``attention_mass_on_objects`` -- sum over cells of attention x covered fraction;
+    * ``attention_mass_uniform`` -- the same for the uniform map 1/N: the chance level;
+    * ``pointing_game`` -- is the attention's argmax cell covered (coverage > 0)? Ties (hard
+      attention's kept cells, a uniform map) are first broken by ``tie_break`` (HAN's presence
+      scores), and any tie left counts the covered share of the tied cells: the expected score of
+      picking one of them at random.
+    """
+    att, cov = attention.flatten(1).float(), coverage.flatten(1)
+    top = att >= att.amax(1, keepdim=True)
+    if tie_break is not None:
+        ranked = tie_break.flatten(1).float().masked_fill(~top, float("-inf"))
+        top = ranked >= ranked.amax(1, keepdim=True)
+    hits = (top & (cov > 0)).sum(1).float() / top.sum(1).float()
+    return {"attention_mass_on_objects": (att * cov).sum(1),
+            "attention_mass_uniform": cov.mean(1),
+            "pointing_game": hits}
+
+
+# ----------------------------------------------------------------------------- shared base
+
+class VQAModel(ZooModel):
+    """What the four VQA families share: the question encoder, the vocabulary, the inputs, the
+    metrics and the default schedule."""
+
+    # Adam learning rates: Santoro et al. trained the RN with 2.5e-4 (used here off the built-in
+    # data); on the built-in data a run must converge within ~20 CPU minutes, where 1e-3 with a
+    # cosine decay is faster (measured, see phases()).
+    paper_lr = 2.5e-4
+    builtin_lr = 1e-3
+    builtin_epochs = 12
+    paper_epochs = 50
+
+    def _init_vqa(self, backbone, pretrained, stage, num_classes, class_names, vocab,
+                  word_dim: int, question_dim: int):
+        bb = self._init_backbone(backbone, pretrained, stage, num_classes, class_names)
+        self.vocab = _check_vocab(vocab, type(self).__name__)
+        self.question_encoder = QuestionEncoder(len(self.vocab), word_dim, question_dim)
+        return bb
+
+    # ---------------------------------------------------------------- questions
+    def inputs(self, batch: dict) -> tuple:
+        return batch["image"], batch["question"], batch["question_length"]
+
+    def encode_question(self, texts: list[str], unknown: str = "error"):
+        """Token ids ``[N, L]`` (int64, padded with 0) and lengths ``[N]`` of ``texts`` in this
+        model's vocabulary; ``unknown="unk"`` maps unknown words to ``<unk>`` instead of raising."""
+        from ..data.text import Vocabulary
+
+        ids, lengths, _ = Vocabulary(self.vocab).encode_many(list(texts), unknown)
+        return torch.from_numpy(ids).long(), torch.from_numpy(lengths).long()
+
+    def encode(self, question: torch.Tensor, question_length: torch.Tensor) -> torch.Tensor:
+        """The question vector ``[B, question_dim]``, after checking the ids and lengths."""
+        if question.ndim != 2:
+            raise UserError(f"question must be token ids [B, L], got shape {tuple(question.shape)}"
+                            "; encode text with model.encode_question(texts)")
+        lengths = torch.as_tensor(question_length).long().cpu().reshape(-1)
+        if len(lengths) != len(question):
+            raise UserError(f"{len(lengths)} question lengths for {len(question)} questions; "
+                            "give one length per question")
+        lo, hi = int(lengths.min()), int(lengths.max())
+        if lo < 1 or hi > question.shape[1]:
+            raise UserError(f"question lengths must lie in [1, {question.shape[1]}], got {lo}..{hi}"
+                            "; an empty question cannot be answered, and a length counts the "
+                            "real tokens before the padding")
+        first, last = (int(v) for v in torch.aminmax(question))
+        if first < 0 or last >= len(self.vocab):
+            bad = first if first < 0 else last
+            raise UserError(f"token id {bad} is outside this model's vocabulary of "
+                            f"{len(self.vocab)} words; encode questions with the model's own "
+                            "vocabulary: model.encode_question(texts)")
+        return self.question_encoder(question.long(), lengths)
+
+    # ---------------------------------------------------------------- training and evaluation
+    def phases(self, cfg: TrainConfig) -> list[Phase]:
+        """One Adam phase over everything. Built-in data (sort-of-clevr): ``builtin_lr`` with a
+        cosine decay for ``builtin_epochs``; other data (CLEVR): the RN paper's constant 2.5e-4."""
+        builtin = cfg.dataset in BUILTIN_DATASETS
+        lr = cfg.lr if cfg.lr is not None else (self.builtin_lr if builtin else self.paper_lr)
+        epochs = cfg.epochs if cfg.epochs is not None else (
+            self.builtin_epochs if builtin else self.paper_epochs)
+        return [Phase("train", epochs, {g: lr for g in self.param_groups()},
+                      weight_decay=cfg.weight_decay,
+                      schedule="cosine" if builtin else "constant")]
+
+    def reasoning_pairs(self, output: VQAOutput) -> torch.Tensor:
+        """``[B]`` object pairs the relation module evaluated per image (0: no relation module)."""
+        return torch.zeros(len(output.logits), dtype=torch.long, device=output.logits.device)
+
+    def explanation_metrics(self, output: VQAOutput, batch: dict) -> dict[str, torch.Tensor]:
+        """Accuracy per question type (over that subset only), the last hop's attention against
+        the answer's objects (``batch["mask"]``, when the data has masks), and the reasoning
+        cost (``cells_kept_fraction``, ``reasoning_pairs``) where there is a relation module."""
+        out: dict[str, torch.Tensor] = {}
+        correct = (output.logits.argmax(1) == batch["label"]).float()
+        qtype = batch.get("question_type")
+        if qtype is not None:
+            for value, name in QUESTION_TYPES.items():
+                subset = qtype == value
+                if bool(subset.any()):  # an empty subset would count 0 of 0 images
+                    out[name] = correct[subset]
+        if "mask" in batch:
+            attention = output.attention[:, -1]
+            coverage = cell_coverage(batch["mask"], tuple(attention.shape[-2:]), output.stride)
+            out.update(attention_metrics(attention, coverage, output.scores))
+        out.update(self._cost_metrics(output))
+        return out
+
+    def _cost_metrics(self, output: VQAOutput) -> dict[str, torch.Tensor]:
+        return {}
+
+
+def uniform_attention(b: int, h: int, w: int, like: torch.Tensor) -> torch.Tensor:
+    """``[B, 1, h, w]`` of 1/N: the baselines weigh every cell alike."""
+    return torch.full((b, 1, h, w), 1.0 / (h * w), device=like.device, dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------- SAN
+
+@register_model("san")
+class SAN(VQAModel):
+    builtin_lr = 1e-3
+
+    def __init__(self, backbone: str = "rn_cnn", num_classes: int | None = None,
+                 pretrained=False, stage: int = -1, class_names: list[str] | None = None,
+                 vocab: list[str] | None = None, word_dim: int = 32, question_dim: int = 128,
+                 hops: int = 2, att_dim: int = 64, score_tanh: bool = False,
+                 coordinates: bool = True, answer_dim: int = 256):
+        """
+        Args:
+            question_dim: d, the LSTM state and the cell vectors (``u = v~ + u`` needs one size).
+            hops: attention layers K (paper: 2; more did not help them).
+            att_dim: k, the width of the attention MLP.
+            score_tanh: bound the scores with tanh before the softmax like the official code
+                (caps a cell near 3.7% on 196 cells); default False follows the paper.
+            coordinates: append each cell's (x, y) to its features before ``v_I = tanh(W f + b)``
+                (Santoro et al.'s trick, not in SAN): the weighted sum ``v~`` otherwise forgets
+                *where* the attended cell was, and "is X on the left?" needs it.
+            answer_dim: hidden units of the answer MLP on ``u`` (the paper: one softmax layer).
+        """
+        super().__init__()
+        if hops < 1:
+            raise ValueError(f"hops must be at least 1, got {hops}")
+        bb = self._init_vqa(backbone, pretrained, stage, num_classes, class_names, vocab,
+                            word_dim, question_dim)
+        self.coordinates = coordinates
+        self.image_proj = nn.Linear(bb.channels + (2 if coordinates else 0), question_dim)
+        self.hops = nn.ModuleList(AttentionHop(question_dim, att_dim, score_tanh)
+                                  for _ in range(hops))
+        self.answer = nn.Sequential(nn.Linear(question_dim, answer_dim), nn.ReLU(inplace=True),
+                                    nn.Linear(answer_dim, self.num_classes))
+
+    def forward(self, image: torch.Tensor, question: torch.Tensor,
+                question_length: torch.Tensor) -> VQAOutput:
+        features = self.backbone(image)
+        b, _, h, w = features.shape
+        cells = (cells_with_coordinates(features) if self.coordinates
+                 else features.flatten(2).transpose(1, 2))
+        v = torch.tanh(self.image_proj(cells))  # v_I, [B, N, d]
+        u = self.encode(question, question_length)
+        maps = []
+        for hop in self.hops:
+            u, p = hop(v, u)
+            maps.append(p)
+        attention = torch.stack(maps, 1).view(b, len(self.hops), h, w)
+        return VQAOutput(logits=self.answer(u), stride=self.stride, attention=attention)
+
+
+# ----------------------------------------------------------------------------- CNN + LSTM
+
+@register_model("cnn_lstm")
+class CNNLSTM(VQAModel):
+    def __init__(self, backbone: str = "rn_cnn", num_classes: int | None = None,
+                 pretrained=False, stage: int = -1, class_names: list[str] | None = None,
+                 vocab: list[str] | None = None, word_dim: int = 32, question_dim: int = 128,
+                 grid: int = 5, hidden_dim: int = 256, dropout: float = 0.5):
+        """
+        Args:
+            grid: the map is average-pooled to ``grid x grid`` cells and flattened (a 5x5 map,
+                rn_cnn at 75 px, passes unchanged), so the MLP's size does not depend on the
+                image size while the flattened cells still say where things are.
+            hidden_dim, dropout: the MLP on [image; question] (Santoro's CNN+MLP: 256, 0.5).
+        """
+        super().__init__()
+        bb = self._init_vqa(backbone, pretrained, stage, num_classes, class_names, vocab,
+                            word_dim, question_dim)
+        self.pool = nn.AdaptiveAvgPool2d(grid)
+        self.mlp = nn.Sequential(
+            nn.Linear(bb.channels * grid * grid + question_dim, hidden_dim), nn.ReLU(inplace=True),
+            nn.Linear(hidden_dim, hidden_dim), nn.ReLU(inplace=True), nn.Dropout(dropout),
+            nn.Linear(hidden_dim, self.num_classes))
+
+    def forward(self, image: torch.Tensor, question: torch.Tensor,
+                question_length: torch.Tensor) -> VQAOutput:
+        features = self.backbone(image)
+        b, _, h, w = features.shape
+        q = self.encode(question, question_length)
+        logits = self.mlp(torch.cat([self.pool(features).flatten(1), q], dim=1))
+        return VQAOutput(logits=logits, stride=self.stride,
+                         attention=uniform_attention(b, h, w, features))
+
+
+# ----------------------------------------------------------------------------- cell reasoners
+
+@dataclass
+class CellSet:
+    """What a reasoning module sees: the cells that went on, the question, and where they were."""
+
+    selection: Selection
+    question: torch.Tensor  # [B, Q]
+    grid: tuple[int, int]
+    scores: torch.Tensor | None = None  # [B, N] presence, hard attention only
+    variable: bool = False  # counts differ between images (AdaHAN): the module must mask
+
+
+def _relation_module(object_dim, question_dim, num_classes, g_dim, g_layers, f_dim, dropout):
+    return RelationModule(object_dim, question_dim, num_classes, g_dim=g_dim, g_layers=g_layers,
+                          f_dim=f_dim, dropout=dropout)
+
+
+class CellReasoner(VQAModel):
+    """``han`` and ``rn``: :meth:`cells` picks what the reasoning sees, :meth:`reason` answers.
+
+    The split lets :func:`time_reasoning` time the reasoning step alone."""
+
+    reasoning = "relation"
+    pool = "mean"
+
+    def cells(self, image, question, question_length) -> CellSet:
+        raise NotImplementedError
+
+    def reason(self, cells: CellSet) -> torch.Tensor:
+        sel = cells.selection
+        if self.reasoning == "relation":
+            return self.reasoner(sel.cells, cells.question, sel.valid if cells.variable else None)
+        return self.reasoner(torch.cat([sel.pool(self.pool), cells.question], dim=1))
+
+    def forward(self, image: torch.Tensor, question: torch.Tensor,
+                question_length: torch.Tensor) -> VQAOutput:
+        cells = self.cells(image, question, question_length)
+        return self._output(self.reason(cells), cells)
+
+    def _output(self, logits: torch.Tensor, cells: CellSet) -> VQAOutput:
+        raise NotImplementedError
+
+    def reasoning_pairs(self, output: VQAOutput) -> torch.Tensor:
+        """Pairs g evaluates per image: (kept cells)^2 (AdaHAN pads a batch to its largest count
+        but masks the padding; only real pairs count)."""
+        if self.reasoning != "relation":
+            return super().reasoning_pairs(output)
+        b, _, h, w = output.attention.shape
+        if output.kept is None:
+            return torch.full((b,), (h * w) ** 2, dtype=torch.long, device=output.logits.device)
+        return output.kept.flatten(1).sum(1).long() ** 2
+
+    def _cost_metrics(self, output: VQAOutput) -> dict[str, torch.Tensor]:
+        b, _, h, w = output.attention.shape
+        kept = (output.kept.flatten(1).float().mean(1) if output.kept is not None
+                else torch.ones(b, device=output.logits.device))
+        return {"cells_kept_fraction": kept,
+                "reasoning_pairs": self.reasoning_pairs(output).float()}
+
+
+@register_model("han")
+class HAN(CellReasoner):
+    builtin_lr = 1e-3
+
+    def __init__(self, backbone: str = "rn_cnn", num_classes: int | None = None,
+                 pretrained=False, stage: int = -1, class_names: list[str] | None = None,
+                 vocab: list[str] | None = None, word_dim: int = 32, question_dim: int = 128,
+                 embed_dim: int = 64, top_k: float | int = 0.25, adaptive: bool = False,
+                 reasoning: str = "relation", pool: str = "mean", g_dim: int = 256,
+                 g_layers: int = 4, f_dim: int = 256, dropout: float = 0.5):
+        """
+        Args:
+            embed_dim: channels of the 1x1-conv cell embeddings (whose norm is the presence).
+            top_k: cells kept, a fraction of the cells (default 25%, rounded up) or a count.
+            adaptive: AdaHAN -- keep the cells whose softmax over presence is >= 1/N instead.
+            reasoning: ``"relation"`` (a Relation Network over the kept cells with their (x, y)
+                and the question) or ``"pool"`` (``pool`` over the kept cells, then an MLP).
+            g_dim, g_layers, f_dim, dropout: the Relation Network (Santoro: 256, 4, 256, 0.5);
+                the pooling MLP uses ``f_dim`` and ``dropout`` too.
+        """
+        super().__init__()
+        if reasoning not in ("relation", "pool"):
+            raise ValueError(f"reasoning must be 'relation' or 'pool', got '{reasoning}'")
+        if pool not in ("mean", "max"):
+            raise ValueError(f"pool must be 'mean' or 'max', got '{pool}'")
+        resolve_k(top_k, 1 << 30)
+        bb = self._init_vqa(backbone, pretrained, stage, num_classes, class_names, vocab,
+                            word_dim, question_dim)
+        self.top_k, self.adaptive, self.reasoning, self.pool = top_k, adaptive, reasoning, pool
+        self.question_to_cells = nn.Linear(question_dim, bb.channels)
+        # ReLU: presence = norm needs "absent" to be reachable; a cell with every unit off is.
+        self.embed = nn.Sequential(nn.Conv2d(bb.channels, embed_dim, 1), nn.ReLU())
+        if reasoning == "relation":
+            self.reasoner = _relation_module(embed_dim + 2, question_dim, self.num_classes,
+                                             g_dim, g_layers, f_dim, dropout)
+        else:
+            self.reasoner = nn.Sequential(
+                nn.Linear(embed_dim + 2 + question_dim, f_dim), nn.ReLU(inplace=True),
+                nn.Linear(f_dim, f_dim), nn.ReLU(inplace=True), nn.Dropout(dropout),
+                nn.Linear(f_dim, self.num_classes))
+
+    def cells(self, image, question, question_length) -> CellSet:
+        """Question added to every cell -> 1x1 conv embeddings -> presence = L2 norm -> keep the
+        top-k (or AdaHAN's) cells. The selection is not differentiable (scores are detached):
+        the kept cells' embeddings carry every gradient, as in the paper."""
+        features = self.backbone(image)
+        q = self.encode(question, question_length)
+        embeddings = self.embed(features + self.question_to_cells(q)[:, :, None, None])
+        scores = cell_norms(embeddings.detach())
+        cells = cells_with_coordinates(embeddings)
+        selection = (select_adaptive(cells, scores) if self.adaptive
+                     else select_top_k(cells, scores, self.top_k))
+        return CellSet(selection, q, tuple(embeddings.shape[-2:]), scores, self.adaptive)
+
+    def _output(self, logits: torch.Tensor, cells: CellSet) -> VQAOutput:
+        h, w = cells.grid
+        kept = cells.selection.kept
+        attention = kept.float() / kept.sum(1, keepdim=True).float()
+        b = len(kept)
+        return VQAOutput(logits=logits, stride=self.stride, attention=attention.view(b, 1, h, w),
+                         scores=cells.scores.view(b, h, w), kept=kept.view(b, h, w))
+
+
+@register_model("rn")
+class RelationNetwork(CellReasoner):
+    builtin_lr = 1e-3
+
+    def __init__(self, backbone: str = "rn_cnn", num_classes: int | None = None,
+                 pretrained=False, stage: int = -1, class_names: list[str] | None = None,
+                 vocab: list[str] | None = None, word_dim: int = 32, question_dim: int = 128,
+                 g_dim: int = 256, g_layers: int = 4, f_dim: int = 256, dropout: float = 0.5):
+        """Santoro et al.'s RN: every CNN cell with its (x, y) is an object; g over all N^2
+        pairs with the question, summed, then f. Args as ``han``'s Relation Network."""
+        super().__init__()
+        bb = self._init_vqa(backbone, pretrained, stage, num_classes, class_names, vocab,
+                            word_dim, question_dim)
+        self.reasoner = _relation_module(bb.channels + 2, question_dim, self.num_classes,
+                                         g_dim, g_layers, f_dim, dropout)
+
+    def cells(self, image, question, question_length) -> CellSet:
+        features = self.backbone(image)
+        q = self.encode(question, question_length)
+        cells = cells_with_coordinates(features)
+        b, n = cells.shape[:2]
+        index = torch.arange(n, device=cells.device).expand(b, n)
+        everything = torch.ones(b, n, dtype=torch.bool, device=cells.device)
+        return CellSet(Selection(cells, index, everything, everything), q,
+                       tuple(features.shape[-2:]))
+
+    def _output(self, logits: torch.Tensor, cells: CellSet) -> VQAOutput:
+        h, w = cells.grid
+        return VQAOutput(logits=logits, stride=self.stride,
+                         attention=uniform_attention(len(logits), h, w, logits))
+
+
+def time_reasoning(model: CellReasoner, image: torch.Tensor, question: torch.Tensor,
+                   question_length: torch.Tensor, repeats: int = 10) -> float:
+    """Seconds per call of the reasoning step alone (inference, no gradients) on one batch.
+
+    The cells are computed once; only ``model.reason`` is timed, so ``han`` against ``rn`` on the
+    same batch compares the relation module over the kept cells with the one over all cells."""
+    if not isinstance(model, CellReasoner):
+        raise UserError(f"time_reasoning needs a 'han' or 'rn' model, got {type(model).__name__}")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            cells = model.cells(image, question, question_length)
+            model.reason(cells)  # warm-up (allocations, kernel selection)
+            _sync(image.device)
+            started = time.perf_counter()
+            for _ in range(repeats):
+                model.reason(cells)
+            _sync(image.device)
+            return (time.perf_counter() - started) / repeats
+    finally:
+        model.train(was_training)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,465 @@
+"""Attention VQA models (issue 4): the SAN hop formula, top-k pooling limits, AdaHAN's threshold,
+the Relation Network's pairs, hard attention's "never seen" guarantee, every model's shapes, a
+checkpoint round trip and a small training that must learn."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import protozoo
+from protozoo.attention import (AttentionHop, RelationModule, TopKPool, adaptive_kept,
+                                resolve_k, select_adaptive, select_top_k, tanh_score_cap)
+from protozoo.backbones import Geometry, create_backbone
+from protozoo.errors import DataError, UserError
+from protozoo.models.vqa import attention_metrics, cell_coverage, time_reasoning
+
+VOCAB = ["<pad>", "<unk>", "bottom", "cell", "colour", "left", "of", "right", "top", "what"]
+ANSWERS = ["blue", "green", "red"]
+
+
+def random_batch(b=4, size=75, length=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    image = torch.randn(b, 3, size, size, generator=g)
+    question = torch.randint(2, len(VOCAB), (b, length), generator=g)
+    lengths = torch.randint(1, length + 1, (b,), generator=g)
+    question[torch.arange(length) >= lengths[:, None]] = 0
+    return image, question, lengths
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small tensors on a shared 2-core machine: two threads spin against other processes and
+    run 10-40x slower than one (measured), so these tests use one and restore the setting."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make(name, **kwargs):
+    torch.manual_seed(0)
+    return protozoo.create_model(name, class_names=ANSWERS, vocab=VOCAB, **kwargs)
+
+
+# ----------------------------------------------------------------------------- SAN hop
+
+def hand_hop(v, u, score_tanh):
+    """Yang et al. eqs. 15-17, 19 in plain Python for the weights set in test_hop_formula."""
+    w_i, w_q, b_q, w_p, b_p = [[1, 0], [0, 1]], [[0.5, -1], [1, 0]], [0.1, -0.2], [1, -2], 0.3
+    q = [sum(w_q[r][c] * u[c] for c in range(2)) + b_q[r] for r in range(2)]
+    scores = []
+    for cell in v:
+        h = [math.tanh(sum(w_i[r][c] * cell[c] for c in range(2)) + q[r]) for r in range(2)]
+        s = w_p[0] * h[0] + w_p[1] * h[1] + b_p
+        scores.append(math.tanh(s) if score_tanh else s)
+    z = sum(math.exp(s) for s in scores)
+    p = [math.exp(s) / z for s in scores]
+    new_u = [sum(p[i] * v[i][c] for i in range(len(v))) + u[c] for c in range(2)]
+    return p, new_u
+
+
+@pytest.mark.parametrize("score_tanh", [False, True])
+def test_hop_formula_matches_hand_computation(score_tanh):
+    hop = AttentionHop(2, 2, score_tanh=score_tanh)
+    with torch.no_grad():
+        hop.image.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+        hop.query.weight.copy_(torch.tensor([[0.5, -1.0], [1.0, 0.0]]))
+        hop.query.bias.copy_(torch.tensor([0.1, -0.2]))
+        hop.score.weight.copy_(torch.tensor([[1.0, -2.0]]))
+        hop.score.bias.copy_(torch.tensor([0.3]))
+    v, u = [[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], [0.5, -0.5]
+    new_u, p = hop(torch.tensor([v]), torch.tensor([u]))
+    p_hand, u_hand = hand_hop(v, u, score_tanh)
+    assert torch.allclose(p[0], torch.tensor(p_hand), atol=1e-6)
+    assert torch.allclose(new_u[0], torch.tensor(u_hand), atol=1e-6)
+    if not score_tanh:  # worked on paper: scores 0.6693, -0.7323, -0.4715
+        assert torch.allclose(p[0], torch.tensor([0.6387, 0.1572, 0.2041]), atol=1e-4)
+        assert torch.allclose(new_u[0], torch.tensor([1.3428, -0.1387]), atol=1e-4)
+
+
+def test_tanh_bounded_scores_cap_a_cell_near_3_7_percent():
+    n = 196
+    assert tanh_score_cap(n) == pytest.approx(math.e ** 2 / (math.e ** 2 + 195), rel=1e-12)
+    assert tanh_score_cap(n) == pytest.approx(0.0365, abs=1e-4)
+    v = torch.full((1, n, 1), -3.0)
+    v[0, 17] = 3.0  # one cell the attention should pick out
+    u = torch.zeros(1, 1)
+    peaks = {}
+    for score_tanh in (False, True):
+        hop = AttentionHop(1, 1, score_tanh=score_tanh)
+        with torch.no_grad():
+            hop.image.weight.fill_(1.0)
+            hop.query.weight.zero_(), hop.query.bias.zero_()
+            hop.score.weight.fill_(100.0), hop.score.bias.zero_()
+        with torch.no_grad():
+            _, p = hop(v, u)
+        assert int(p.argmax()) == 17
+        peaks[score_tanh] = float(p.max())
+    assert peaks[False] > 0.999  # the paper's softmax can put all the mass on one cell
+    assert peaks[True] == pytest.approx(tanh_score_cap(n), abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- top-k
+
+def test_resolve_k():
+    assert resolve_k(0.25, 25) == 7 and resolve_k(0.25, 196) == 49 and resolve_k(0.1, 30) == 3
+    assert resolve_k(1.0, 25) == 25 and resolve_k(0.01, 25) == 1 and resolve_k(40, 25) == 25
+    for bad in (0, -1, 0.0, 1.5, True, "3"):
+        with pytest.raises(ValueError):
+            resolve_k(bad, 25)
+
+
+def test_topk_pool_limits_are_global_max_and_average_pooling():
+    x = torch.randn(3, 5, 4, 6, generator=torch.Generator().manual_seed(0))
+    gmp = F.adaptive_max_pool2d(x, 1).flatten(1)
+    gap = x.mean(dim=(2, 3))
+    assert torch.equal(TopKPool(1, "channel", "max")(x), gmp)
+    assert torch.equal(TopKPool(1, "channel", "mean")(x), gmp)
+    for score in ("channel", "norm"):
+        assert torch.allclose(TopKPool(24, score, "mean")(x), gap, atol=1e-6)
+        assert torch.allclose(TopKPool(1.0, score, "mean")(x), gap, atol=1e-6)
+    assert not torch.allclose(TopKPool(2, "channel", "mean")(x), gap, atol=1e-3)
+
+
+def test_topk_by_norm_by_hand():
+    # 1x3 map, 2 channels: cell norms 5, 1, 2 -> k=2 keeps cells 0 and 2
+    x = torch.tensor([[[[3.0, 1.0, 0.0]], [[4.0, 0.0, 2.0]]]])
+    assert torch.equal(TopKPool(2, "norm", "max")(x), torch.tensor([[3.0, 4.0]]))
+    assert torch.equal(TopKPool(2, "norm", "mean")(x), torch.tensor([[1.5, 3.0]]))
+    sel = TopKPool(2, "norm", "none")(x)
+    assert sel.index.tolist() == [[0, 2]] and sel.kept.tolist() == [[True, False, True]]
+    assert torch.equal(sel.cells, torch.tensor([[[3.0, 4.0], [0.0, 2.0]]]))
+    # custom scores replace the norm
+    assert torch.equal(TopKPool(1, "norm", "max")(x, torch.tensor([[[0.0, 9.0, 1.0]]])),
+                       torch.tensor([[1.0, 0.0]]))
+    with pytest.raises(ValueError, match="per-channel"):
+        TopKPool(2, "channel", "none")
+
+
+@pytest.mark.parametrize("score", ["norm", "channel"])
+def test_gradient_only_reaches_kept_cells(score):
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    TopKPool(5, score, "mean")(x).sum().backward()
+    flat = x.detach().flatten(2)
+    if score == "norm":
+        kept = torch.zeros(2, 16, dtype=torch.bool)
+        kept.scatter_(1, flat.norm(dim=1).topk(5, dim=1).indices, True)
+        kept = kept[:, None].expand(-1, 3, -1)
+    else:
+        kept = torch.zeros(2, 3, 16, dtype=torch.bool)
+        kept.scatter_(2, flat.topk(5, dim=2).indices, True)
+    grad = x.grad.flatten(2)
+    assert torch.all(grad[~kept] == 0)
+    assert torch.allclose(grad[kept], torch.full_like(grad[kept], 1 / 5))
+
+
+# ----------------------------------------------------------------------------- AdaHAN
+
+def test_adahan_threshold_on_hand_made_scores():
+    # softmax rows: [.81 .11 .04 .04], [.37 .37 .13 .13], uniform; threshold 1/N = 0.25
+    scores = torch.tensor([[3.0, 1.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0], [2.0, 2.0, 2.0, 2.0]])
+    expected = [[True, False, False, False], [True, True, False, False], [True] * 4]
+    assert adaptive_kept(scores).tolist() == expected
+    random = torch.randn(50, 25, generator=torch.Generator().manual_seed(0)) * 2
+    assert torch.equal(adaptive_kept(random), torch.softmax(random, 1) >= 1 / 25)
+
+    cells = torch.arange(12.0).view(3, 4, 1) + 1  # cell value = 1 + flat index + 4 * image
+    sel = select_adaptive(cells, scores)
+    assert sel.cells.shape == (3, 4, 1)  # packed to the largest count in the batch
+    assert sel.counts.tolist() == [1, 2, 4]
+    assert sel.valid.tolist() == [[True, False, False, False], [True, True, False, False],
+                                  [True] * 4]
+    assert sel.cells[0, :, 0].tolist() == [1.0, 0.0, 0.0, 0.0]  # padding rows are zeros
+    assert sorted(sel.cells[1, :2, 0].tolist()) == [5.0, 6.0]
+    assert sel.pool("mean")[:, 0].tolist() == [1.0, 5.5, 10.5]
+    assert sel.pool("max")[:, 0].tolist() == [1.0, 6.0, 12.0]
+
+
+# ----------------------------------------------------------------------------- Relation Network
+
+def relation_by_loops(rn, objects, question):
+    """g over every ordered pair by explicit concatenation, summed, then f (Santoro et al.)."""
+    first = rn.g_first
+    total = 0
+    for i in range(objects.shape[0]):
+        for j in range(objects.shape[0]):
+            pair = torch.cat([objects[i], objects[j], question])
+            total = total + rn.g_rest(first(pair))
+    return rn.f(total[None])[0]
+
+
+def test_relation_module_equals_pairwise_loops_and_counts_pairs():
+    torch.manual_seed(0)
+    rn = RelationModule(object_dim=3, question_dim=2, num_outputs=4, g_dim=8, f_dim=8).eval()
+    objects, question = torch.randn(2, 5, 3), torch.randn(2, 2)
+    batched = rn(objects, question)
+    for b in range(2):
+        assert torch.allclose(batched[b], relation_by_loops(rn, objects[b], question[b]),
+                              atol=1e-5)
+    # invariant to the order of the objects
+    perm = torch.tensor([3, 0, 4, 1, 2])
+    assert torch.allclose(rn(objects[:, perm], question), batched, atol=1e-5)
+    # a mask is the same as leaving the masked objects out
+    valid = torch.tensor([[True, False, True, True, False], [True] * 5])
+    masked = rn(objects, question, valid)
+    alone = rn(objects[:1, valid[0]], question[:1])
+    assert torch.allclose(masked[0], alone[0], atol=1e-5)
+    assert torch.allclose(masked[1], batched[1], atol=1e-5)
+    assert RelationModule.pair_counts(valid).tolist() == [9, 25]
+
+
+# ----------------------------------------------------------------------------- backbone
+
+def test_rn_cnn_is_santoros_cnn():
+    bb = create_backbone("rn_cnn")
+    convs = [m for m in bb.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.out_channels, c.kernel_size, c.stride) for c in convs] == [(24, (3, 3), (2, 2))] * 4
+    assert (bb.channels, bb.stride) == (24, 16)
+    assert bb.eval()(torch.randn(1, 3, 75, 75)).shape == (1, 24, 5, 5)
+    # 4 x (3x3, stride 2, pad 1): RF 1 + 2 * (1 + 2 + 4 + 8) = 31, offset -(1 + 2 + 4 + 8) = -15
+    assert bb.geometry == Geometry(stride=16, receptive_field=31, rf_offset=-15)
+
+
+# ----------------------------------------------------------------------------- models
+
+MODELS = [("san", {}), ("san", {"hops": 3, "score_tanh": True, "coordinates": False}),
+          ("han", {}), ("han", {"adaptive": True}), ("han", {"reasoning": "pool"}),
+          ("han", {"adaptive": True, "reasoning": "pool", "pool": "max"}),
+          ("cnn_lstm", {}), ("rn", {})]
+
+
+@pytest.mark.parametrize("name, kwargs", MODELS)
+def test_every_model_runs_forward_backward_with_right_shapes(name, kwargs):
+    model = make(name, g_dim=32, f_dim=32, **kwargs) if name in ("han", "rn") else make(
+        name, **kwargs)
+    image, question, lengths = random_batch()
+    out = model(*model.inputs({"image": image, "question": question,
+                               "question_length": lengths}))
+    hops = kwargs.get("hops", 2) if name == "san" else 1
+    assert out.logits.shape == (4, 3) and out.stride == 16
+    assert out.attention.shape == (4, hops, 5, 5)
+    assert torch.allclose(out.attention.sum(dim=(2, 3)), torch.ones(4, hops), atol=1e-5)
+    if name == "han":
+        assert out.scores.shape == (4, 5, 5) and out.kept.dtype == torch.bool
+        counts = out.kept.flatten(1).sum(1)
+        if not kwargs.get("adaptive"):
+            assert counts.tolist() == [7] * 4  # ceil(25% of 25)
+        kept_att = out.attention[:, 0][out.kept]
+        assert torch.allclose(kept_att, (1 / counts.float()).repeat_interleave(counts))
+    else:
+        assert out.scores is None and out.kept is None
+    pairs = model.reasoning_pairs(out).tolist()
+    expected = {"rn": [625] * 4, "san": [0] * 4, "cnn_lstm": [0] * 4}.get(name)
+    if name == "han":
+        expected = ((out.kept.flatten(1).sum(1) ** 2).tolist()
+                    if kwargs.get("reasoning", "relation") == "relation" else [0] * 4)
+    assert pairs == expected
+    F.cross_entropy(out.logits, torch.tensor([0, 1, 2, 0])).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing, missing
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_han_presence_is_embedding_norm_and_keeps_the_top_k():
+    model = make("han", g_dim=32, f_dim=32).eval()
+    seen = {}
+    model.embed.register_forward_hook(lambda m, i, o: seen.setdefault("emb", o))
+    out = model(*random_batch())
+    norms = seen["emb"].norm(dim=1)
+    assert torch.allclose(out.scores, norms)
+    top = norms.flatten(1).topk(7, dim=1).indices
+    assert torch.equal(out.kept.flatten(1), torch.zeros(4, 25, dtype=torch.bool).scatter_(
+        1, top, True))
+
+
+def _replace_unkept(kept, flip: bool):
+    """A forward hook giving non-kept cells new features that stay non-kept: for top-k, random
+    vectors at half the norm; for AdaHAN (whose threshold depends on every score), the negated
+    vector (same norm, so the same scores)."""
+    def hook(module, inputs, output):
+        unkept = ~kept[:, None].expand_as(output)
+        if flip:
+            new = -output
+        else:
+            noise = torch.randn(output.shape, generator=torch.Generator().manual_seed(5))
+            new = noise / noise.norm(dim=1, keepdim=True) * output.norm(dim=1, keepdim=True) / 2
+        return torch.where(unkept, new, output)
+    return hook
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"adaptive": True}, {"reasoning": "pool"}])
+def test_han_output_ignores_cells_it_did_not_keep(kwargs):
+    model = make("han", g_dim=32, f_dim=32, **kwargs).eval()
+    inputs = random_batch()
+    with torch.no_grad():
+        before = model(*inputs)
+        handle = model.embed.register_forward_hook(
+            _replace_unkept(before.kept, flip=kwargs.get("adaptive", False)))
+        after = model(*inputs)
+        handle.remove()
+        assert torch.equal(after.kept, before.kept)
+        assert not torch.equal(after.scores, before.scores) or kwargs.get("adaptive")
+        assert torch.equal(after.logits, before.logits)
+        # the same change on the *kept* cells does change the answer scores
+        handle = model.embed.register_forward_hook(
+            _replace_unkept(~before.kept, flip=kwargs.get("adaptive", False)))
+        assert not torch.allclose(model(*inputs).logits, before.logits)
+        handle.remove()
+
+
+def test_han_gradient_is_zero_on_cells_not_kept():
+    model = make("han", g_dim=32, f_dim=32).eval()
+    seen = {}
+
+    def keep(module, inputs, output):
+        output.retain_grad()
+        seen["emb"] = output
+
+    model.embed.register_forward_hook(keep)
+    out = model(*random_batch())
+    out.logits.sum().backward()
+    grad = seen["emb"].grad.abs().sum(1)  # [B, h, w]
+    assert torch.all(grad[~out.kept] == 0)
+    assert torch.all(grad[out.kept] > 0)
+
+
+def test_checkpoint_round_trip_keeps_logits_and_vocab(tmp_path):
+    inputs = random_batch()
+    for name in ("han", "san"):
+        model = make(name, adaptive=True) if name == "han" else make(name)
+        model.eval()
+        protozoo.save(model, tmp_path / name)
+        loaded = protozoo.load(tmp_path / name)
+        assert loaded.vocab == VOCAB and loaded.init_kwargs["vocab"] == VOCAB
+        assert type(loaded) is type(model) and getattr(loaded, "adaptive", True)
+        with torch.no_grad():
+            assert torch.equal(loaded(*inputs).logits, model(*inputs).logits)
+        ids, lengths = loaded.encode_question(["What colour of cell top left?", "what cell"],
+                                              unknown="unk")
+        assert lengths.tolist() == [7, 2] and ids[0, 6].item() == 1  # "?" is unknown here
+        assert ids[1].tolist()[:2] == [VOCAB.index("what"), VOCAB.index("cell")]
+
+
+def test_bad_inputs_are_one_line_user_errors():
+    with pytest.raises(UserError, match="needs vocab"):
+        protozoo.create_model("san", class_names=ANSWERS)
+    with pytest.raises(DataError):
+        protozoo.create_model("san", class_names=ANSWERS, vocab=["a", "b"])
+    model = make("san")
+    image, question, lengths = random_batch()
+    cases = [((image, question + 100, lengths), "outside this model's vocabulary"),
+             ((image, question, torch.zeros_like(lengths)), "question lengths must lie in"),
+             ((image, question[0], lengths), "token ids [B, L]")]
+    for args, text in cases:
+        with pytest.raises(UserError) as info:
+            model(*args)
+        assert text in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(DataError, match="unknown word 'purple'"):
+        model.encode_question(["what colour purple"])
+    with pytest.raises(UserError, match="'han' or 'rn'"):
+        time_reasoning(model, image, question, lengths)
+
+
+def test_time_reasoning_times_the_relation_module():
+    inputs = random_batch(b=2)
+    for name in ("han", "rn"):
+        model = make(name, g_dim=32, f_dim=32)
+        assert time_reasoning(model, *inputs, repeats=2) > 0
+        assert model.training  # restored
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def test_cell_coverage_by_area():
+    masks = torch.zeros(1, 1, 75, 75)
+    masks[0, 0, :16, :16] = 1  # exactly cell (0, 0)
+    masks[0, 0, 16:24, 16:24] = 1  # a quarter of cell (1, 1)
+    cov = cell_coverage(masks, (5, 5), 16)
+    expected = torch.zeros(5, 5)
+    expected[0, 0], expected[1, 1] = 1.0, 0.25
+    assert torch.allclose(cov[0], expected)
+    full = cell_coverage(torch.ones(1, 1, 75, 75), (5, 5), 16)
+    assert full[0, 4, 4].item() == pytest.approx(11 * 11 / 256)  # the grid passes the image
+
+
+def test_attention_metrics_by_hand():
+    coverage = torch.tensor([[[1.0, 0.5], [0.0, 0.0]], [[0.0, 0.0], [0.0, 1.0]],
+                             [[0.0, 0.0], [0.0, 1.0]], [[0.0, 1.0], [0.0, 0.0]]])
+    attention = torch.tensor([[[0.7, 0.1], [0.1, 0.1]], [[0.7, 0.1], [0.1, 0.1]],
+                              [[0.25, 0.25], [0.25, 0.25]], [[0.5, 0.5], [0.0, 0.0]]])
+    scores = torch.tensor([[[0.0, 0.0], [0.0, 0.0]]] * 3 + [[[2.0, 3.0], [9.0, 0.0]]])
+    m = attention_metrics(attention, coverage)
+    assert torch.allclose(m["attention_mass_on_objects"], torch.tensor([0.75, 0.1, 0.25, 0.5]))
+    assert torch.allclose(m["attention_mass_uniform"], torch.tensor([0.375, 0.25, 0.25, 0.25]))
+    # image 3: uniform map, 1 of 4 tied cells covered; image 4: a tie of 2, one covered
+    assert torch.allclose(m["pointing_game"], torch.tensor([1.0, 0.0, 0.25, 0.5]))
+    # the presence scores break hard attention's ties (cell 9.0 is not in the tie)
+    assert m["pointing_game"][3] == 0.5
+    assert attention_metrics(attention, coverage, scores)["pointing_game"][3] == 1.0
+
+
+def test_explanation_metrics_per_question_type_and_mask():
+    model = make("han", g_dim=32, f_dim=32).eval()
+    image, question, lengths = random_batch()
+    with torch.no_grad():
+        out = model(image, question, lengths)
+    preds = out.logits.argmax(1)
+    labels = torch.stack([preds[0], (preds[1] + 1) % 3, preds[2], (preds[3] + 1) % 3])
+    batch = {"label": labels, "question_type": torch.tensor([0, 0, 1, 0]),
+             "mask": torch.ones(4, 1, 75, 75)}
+    m = model.explanation_metrics(out, batch)
+    assert m["accuracy_non_relational"].tolist() == [1.0, 0.0, 0.0]
+    assert m["accuracy_relational"].tolist() == [1.0]
+    assert torch.allclose(m["attention_mass_on_objects"], m["attention_mass_uniform"], atol=0.2)
+    assert m["cells_kept_fraction"].tolist() == [7 / 25] * 4
+    assert m["reasoning_pairs"].tolist() == [49.0] * 4
+    no_mask = model.explanation_metrics(out, {"label": labels,
+                                              "question_type": torch.tensor([-1] * 4)})
+    assert set(no_mask) == {"cells_kept_fraction", "reasoning_pairs"}
+
+
+# ----------------------------------------------------------------------------- a small training
+
+COLOURS = torch.tensor([[-1.0, -1.0, 1.0], [-1.0, 1.0, -1.0], [1.0, -1.0, -1.0]])  # b, g, r
+
+
+def colour_cells(n, seed):
+    """32 px images of 2x2 cells (16 px each, rn_cnn's stride), each a random colour plus noise;
+    the question asks for the top-left or the bottom-right cell: answering needs the question
+    *and* the right cell."""
+    g = torch.Generator().manual_seed(seed)
+    colours = torch.randint(0, 3, (n, 2, 2), generator=g)
+    image = COLOURS[colours].permute(0, 3, 1, 2).repeat_interleave(16, 2).repeat_interleave(16, 3)
+    image = image + 0.3 * torch.randn(image.shape, generator=g)
+    which = torch.randint(0, 2, (n,), generator=g)
+    ids = {w: i for i, w in enumerate(VOCAB)}
+    top = torch.tensor([ids[w] for w in "what colour of cell top left".split()])
+    bottom = torch.tensor([ids[w] for w in "what colour of cell bottom right".split()])
+    question = torch.where(which[:, None] == 0, top, bottom)
+    label = torch.where(which == 0, colours[:, 0, 0], colours[:, 1, 1])
+    return image, question, torch.full((n,), 6), label, which
+
+
+def test_san_learns_to_answer_from_the_asked_cell():
+    torch.manual_seed(0)
+    model = make("san")
+    image, question, lengths, label, _ = colour_cells(1024, seed=0)
+    optimizer = torch.optim.Adam(model.parameters(), 3e-3)
+    for _ in range(100):
+        i = torch.randint(0, 1024, (32,))
+        loss = F.cross_entropy(model(image[i], question[i], lengths[i]).logits, label[i])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    image, question, lengths, label, which = colour_cells(256, seed=1)
+    model.eval()
+    with torch.no_grad():
+        out = model(image, question, lengths)
+    assert (out.logits.argmax(1) == label).float().mean() >= 0.95
+    # the last hop looks at the cell the question names more than the chance 1/4
+    attention = out.attention[:, -1].flatten(1)
+    asked = attention[torch.arange(256), torch.where(which == 0, 0, 3)]
+    assert asked.mean() > 0.35
