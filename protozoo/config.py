@@ -36,7 +36,7 @@ class Phase:
 @dataclass
 class TrainConfig:
     model: str = "protopnet"
-    backbone: str = "tiny_cnn"
+    backbone: str | None = None  # None: the model family's default (ProtoPNet tiny_cnn_s4, ...)
     pretrained: Any = False  # False, True (timm weights) or a path to a weights file
     stage: int = -1
     model_args: dict[str, Any] = field(default_factory=dict)

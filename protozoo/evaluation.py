@@ -39,7 +39,8 @@ def build_eval_data(cfg: TrainConfig, model):
     return build_data(cfg.dataset, data_dir=cfg.data_dir, image_size=cfg.image_size,
                       mean=model.mean, std=model.std, num_classes=cfg.num_classes, seed=cfg.seed,
                       val_fraction=cfg.val_fraction, augment=False, cache_dir=cfg.cache_dir,
-                      num_train=cfg.num_train, num_test=cfg.num_test)
+                      num_train=cfg.num_train, num_test=cfg.num_test,
+                      vocab=getattr(model, "vocab", None))  # a VQA model reads its own words
 
 
 def test_metrics(model, dataset, batch_size: int, device, amp: str = "auto") -> dict:

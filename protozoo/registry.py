@@ -81,6 +81,17 @@ def create_model(name: str, **kwargs):
     return model
 
 
+def model_default(name: str, argument: str):
+    """The default value of keyword ``argument`` of model ``name``'s constructor (e.g. the
+    family's default backbone), or None when it has none."""
+    import inspect
+
+    from . import models  # noqa: F401
+
+    param = inspect.signature(MODELS.get(name)).parameters.get(argument)
+    return None if param is None or param.default is inspect.Parameter.empty else param.default
+
+
 def list_models() -> list[str]:
     from . import models  # noqa: F401  (importing the families registers them)
 

@@ -116,21 +116,24 @@ class AttributeMap:
 
     weight: torch.Tensor
     bias: torch.Tensor
-    steps: int
-    val_loss: float
+    steps: int = 0
+    val_loss: float = float("nan")
+    held_out: "AttributeMap | None" = None  # the map fitted without the held-out classes
 
     def __call__(self, attributes: torch.Tensor) -> torch.Tensor:
         return attributes @ self.weight.T + self.bias
 
 
 def _train_map(attrs, targets, steps, lr, weight_decay, seed, val=None):
-    """Full-batch Adam on the mean cosine distance; returns (weight, bias, per-step val losses)."""
+    """Full-batch Adam on the mean cosine distance. Returns (weight, bias, val losses); with
+    ``val``, the weights are those of the step with the lowest validation loss."""
     gen = torch.Generator().manual_seed(seed)
     m, c = attrs.shape[1], targets.shape[1]
-    weight = (torch.randn(c, m, generator=gen, dtype=attrs.dtype) * 0.01).requires_grad_()
-    bias = torch.zeros(c, dtype=attrs.dtype, requires_grad=True)
+    weight = (torch.randn(c, m, generator=gen, dtype=attrs.dtype) * 0.01).to(attrs.device)
+    weight.requires_grad_()
+    bias = torch.zeros(c, dtype=attrs.dtype, device=attrs.device, requires_grad=True)
     opt = torch.optim.Adam([weight, bias], lr=lr, weight_decay=weight_decay)
-    val_losses = []
+    val_losses, best = [], None
     for _ in range(steps):
         loss = cosine_distance(attrs @ weight.T + bias, targets).mean()
         opt.zero_grad()
@@ -139,7 +142,11 @@ def _train_map(attrs, targets, steps, lr, weight_decay, seed, val=None):
         if val is not None:
             with torch.no_grad():
                 val_losses.append(float(cosine_distance(val[0] @ weight.T + bias, val[1]).mean()))
-    return weight.detach(), bias.detach(), val_losses
+            if val_losses[-1] <= min(val_losses):
+                best = (weight.detach().clone(), bias.detach().clone())
+    if best is None:
+        best = (weight.detach(), bias.detach())
+    return best[0], best[1], val_losses
 
 
 def fit_attribute_map(attributes: torch.Tensor, importances: torch.Tensor, classes: torch.Tensor,
@@ -152,16 +159,19 @@ def fit_attribute_map(attributes: torch.Tensor, importances: torch.Tensor, class
     classes not in ``val_classes``; the step count with the lowest cosine loss on the held-out
     classes' images is selected (as the official code keeps its best validation epoch), and the
     map is then refitted on all seen classes for that many steps (our choice: with few seen
-    classes, the held-out ones are too valuable to leave out of the final map).
+    classes, the held-out ones are too valuable to leave out of the final map). The map of the
+    selected step *without* the held-out classes is kept as ``held_out`` (it tunes the next step).
     """
     held = torch.isin(classes, torch.as_tensor(val_classes, device=classes.device))
     if held.all() or not held.any():
         raise ValueError("val_classes must hold out some, but not all, of the classes")
-    _, _, val_losses = _train_map(attributes[~held], importances[~held], max_steps, lr,
-                                  weight_decay, seed, val=(attributes[held], importances[held]))
+    w_fit, b_fit, val_losses = _train_map(attributes[~held], importances[~held], max_steps, lr,
+                                          weight_decay, seed,
+                                          val=(attributes[held], importances[held]))
     best = int(np.argmin(val_losses)) + 1
     weight, bias, _ = _train_map(attributes, importances, best, lr, weight_decay, seed)
-    return AttributeMap(weight, bias, best, float(val_losses[best - 1]))
+    return AttributeMap(weight, bias, best, float(val_losses[best - 1]),
+                        AttributeMap(w_fit, b_fit, best, float(val_losses[best - 1])))
 
 
 @dataclass
@@ -221,6 +231,25 @@ def optimise_unseen_weights(jacobians: torch.Tensor, targets: torch.Tensor, seen
     return UnseenWeights(weight.detach(), len(history), history[-1], cosine, history)
 
 
+def validation_gzsl_h(features: np.ndarray, labels: np.ndarray, seen_weights: np.ndarray,
+                      new_weights: np.ndarray, val_classes: list[int]) -> float:
+    """Harmonic mean of a pseudo generalised zero-shot test on held-out *seen* classes.
+
+    ``seen_weights`` [S, D+1] (bias last) are the classifier's weights; the held-out classes'
+    rows are replaced by ``new_weights`` [V, D+1] (predicted without them), and the images
+    ``features`` [N, D] of the other classes and of the held-out ones are classified over all S
+    classes. Used to tune NIWT's lambda and the regression baseline's ridge strength alike: it
+    scores both the ranking and the *scale* of new weights against the seen ones, which a
+    held-out-only accuracy would not.
+    """
+    weights = np.array(seen_weights, dtype=np.float64, copy=True)
+    weights[val_classes] = new_weights
+    preds = (features @ weights[:, :-1].T + weights[:, -1]).argmax(1)
+    held = np.isin(labels, val_classes)
+    return harmonic_mean(mean_per_class_accuracy(preds[~held], labels[~held]),
+                         mean_per_class_accuracy(preds[held], labels[held]))
+
+
 def attribute_correlations(importances: torch.Tensor, attributes: torch.Tensor) -> torch.Tensor:
     """Pearson correlation [C, M] between each neuron's importance and each attribute over images
     (0 where either is constant): how strongly a neuron matters for images that have an attribute.
@@ -245,21 +274,18 @@ def direct_regression_weights(seen_attributes: np.ndarray, seen_weights: np.ndar
 
 
 def select_ridge_alpha(seen_attributes, seen_weights, features, labels, val_classes,
-                       candidates=(1e-3, 1e-2, 1e-1, 1.0, 10.0)) -> float:
-    """The ridge strength whose weights, fitted without ``val_classes``, classify the held-out
-    classes' images (``features`` [N, D], ``labels`` seen indices) best among themselves."""
+                       candidates=(1e-3, 1e-2, 1e-1, 1.0, 10.0)) -> tuple[float, float]:
+    """(ridge strength, its validation H): weights fitted without ``val_classes`` and scored by
+    :func:`validation_gzsl_h` on ``features`` [N, D] / ``labels`` (seen indices)."""
     val = np.asarray(val_classes)
     fit = np.setdiff1d(np.arange(len(seen_attributes)), val)
-    keep = np.isin(labels, val)
-    best, best_acc = candidates[0], -1.0
+    scored = []
     for alpha in candidates:
         pred = direct_regression_weights(seen_attributes[fit], seen_weights[fit],
                                          seen_attributes[val], alpha)
-        scores = features[keep] @ pred[:, :-1].T + pred[:, -1]
-        acc = mean_per_class_accuracy(val[scores.argmax(1)], labels[keep])
-        if acc > best_acc:
-            best, best_acc = alpha, acc
-    return best
+        scored.append((validation_gzsl_h(features, labels, seen_weights, pred, val), alpha))
+    best_h, best_alpha = max(scored, key=lambda t: (t[0], -t[1]))
+    return best_alpha, best_h
 
 
 def binarize_attributes(class_attributes: np.ndarray) -> np.ndarray:

@@ -12,7 +12,8 @@ from protozoo.backbones import Geometry, create_backbone, measure_geometry
 from protozoo.errors import UserError
 
 
-@pytest.mark.parametrize("name, channels, stride", [("tiny_cnn", 128, 8), ("small_cnn", 256, 8)])
+@pytest.mark.parametrize("name, channels, stride", [("tiny_cnn", 128, 8), ("tiny_cnn_s4", 128, 4),
+                                                      ("small_cnn", 256, 8)])
 def test_builtin_channels_and_stride(name, channels, stride):
     bb = create_backbone(name)
     assert (bb.channels, bb.stride) == (channels, stride)
@@ -38,6 +39,13 @@ def test_tiny_cnn_receptive_field_by_hand():
     assert bb.geometry.cell_box(0, 0, 64, 64) == (0, 0, 23, 23)
     assert bb.geometry.cell_box(2, 3, 64, 64) == (9, 1, 47, 39)
     assert bb.geometry.cell_box(7, 7, 64, 64) == (41, 41, 64, 64)
+
+
+def test_tiny_cnn_s4_receptive_field_by_hand():
+    # conv3 -> pool2 -> conv3 -> pool2 -> conv3 -> conv3: RF 3 -> 4 -> 8 -> 10 -> 18 -> 26;
+    # offset -1 -> -1 -> -3 -> -3 -> -7 -> -11; stride 4.
+    assert create_backbone("tiny_cnn_s4").geometry == Geometry(stride=4, receptive_field=26,
+                                                              rf_offset=-11)
 
 
 def test_hand_made_sequential_receptive_field():

@@ -78,10 +78,11 @@ class NIWT(ZooModel):
     def __init__(self, base_model: str = "cam", base_kwargs: dict | None = None,
                  unseen_classes: list[str] | None = None,
                  attribute_names: list[str] | None = None, layer: str = "backbone",
-                 class_names: list[str] | None = None, reg_lambda: float = 1e-3,
-                 lr: float = 1e-2, max_steps: int = 3000, patience: int = 40,
-                 min_improvement: float = 0.01, num_images: int = 512, map_steps: int = 400,
-                 map_lr: float = 1e-2, val_class_fraction: float = 0.2, top_attributes: int = 2):
+                 class_names: list[str] | None = None, reg_lambda: float | None = None,
+                 lambda_grid: tuple = (1e-2, 1e-1, 1.0, 10.0), lr: float = 1e-2,
+                 max_steps: int = 3000, patience: int = 40, min_improvement: float = 0.01,
+                 num_images: int = 128, map_steps: int = 400, map_lr: float = 1e-2,
+                 val_class_fraction: float = 0.2, top_attributes: int = 2):
         """
         Args:
             base_model, base_kwargs: the seen classifier (its registered name and constructor
@@ -91,6 +92,8 @@ class NIWT(ZooModel):
                 backbone's feature map).
             reg_lambda, lr, max_steps, patience, min_improvement: unseen-weight optimisation
                 (``lambda * ||w - mean||^2``; Adam; the 1%/40-step early-stopping rule).
+                ``reg_lambda=None`` selects lambda from ``lambda_grid`` on held-out seen classes
+                (:func:`protozoo.models.niwt_fit.select_lambda`).
             num_images: seen training images used as inputs for that optimisation.
             map_steps, map_lr: attribute -> importance map training (Adam, full batch), with
                 ``val_class_fraction`` of the seen classes held out to select its step count.
@@ -111,7 +114,8 @@ class NIWT(ZooModel):
         self.attribute_names = list(attribute_names)
         self.metadata: dict = {}
         self.layer, self.hp = layer, dict(
-            reg_lambda=reg_lambda, lr=lr, max_steps=max_steps, patience=patience,
+            reg_lambda=reg_lambda, lambda_grid=[float(v) for v in lambda_grid], lr=lr,
+            max_steps=max_steps, patience=patience,
             min_improvement=min_improvement, num_images=num_images, map_steps=map_steps,
             map_lr=map_lr, val_class_fraction=val_class_fraction, top_attributes=top_attributes)
         self.head_name = _find_head(self.base, self.num_seen, base_model)

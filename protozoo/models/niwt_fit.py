@@ -61,13 +61,52 @@ def _warn_if_degenerate(model, alphas, labels) -> bool:
 
 
 @torch.no_grad()
-def _store(model, amap, unseen, head, alphas, attrs) -> None:
+def _store(model, amap, unseen, bias, alphas, attrs) -> None:
     model.attribute_map.weight.copy_(amap.weight)
     model.attribute_map.bias.copy_(amap.bias)
     model.unseen_weight.copy_(unseen.weight)
-    model.unseen_bias.fill_(float(head.bias.mean()) if head.bias is not None else 0.0)
+    model.unseen_bias.fill_(bias)
     model.neuron_attribute_corr.copy_(zs.attribute_correlations(alphas, attrs))
     model.fitted.fill_(True)
+
+
+def _seen_weights(model) -> np.ndarray:
+    """[S, D+1]: the base's final-layer weights with the bias as the last column."""
+    head = model.base.get_submodule(model.head_name)
+    bias = head.bias if head.bias is not None else torch.zeros(head.out_features)
+    weights = torch.cat([head.weight, bias[:, None].to(head.weight)], 1)
+    return weights.detach().cpu().double().numpy()
+
+
+def _optimise(jacobians, targets, seen_w: np.ndarray, reg_lambda: float, hp: dict, seed: int):
+    """Unseen weights [U, D+1] (bias: the mean seen bias) for ``targets`` [U, C]."""
+    weights = torch.as_tensor(seen_w[:, :-1], dtype=jacobians.dtype, device=jacobians.device)
+    result = zs.optimise_unseen_weights(
+        jacobians, targets, weights, reg_lambda=reg_lambda, lr=hp["lr"],
+        max_steps=hp["max_steps"], patience=hp["patience"], min_improvement=hp["min_improvement"],
+        seed=seed)
+    bias = np.full((len(targets), 1), seen_w[:, -1].mean())
+    return result, np.concatenate([result.weight.cpu().double().numpy(), bias], 1)
+
+
+def select_lambda(model, held_out_map, attributes, jacobians, val_data, val_classes, batch_size,
+                  device, seed) -> tuple[float, float]:
+    """(lambda, validation H): each candidate lambda transfers weights to the held-out seen
+    classes (from the map fitted without them, initialised and regularised by the other seen
+    classes' weights), scored by :func:`protozoo.zeroshot.validation_gzsl_h` on ``val_data``.
+    A fixed ``reg_lambda`` skips the search."""
+    if model.hp["reg_lambda"] is not None:
+        return float(model.hp["reg_lambda"]), float("nan")
+    _, feats, labels = _outputs(model, val_data, batch_size, device)
+    seen_w = _seen_weights(model)
+    fit = [k for k in range(model.num_seen) if k not in set(val_classes)]
+    targets = held_out_map(attributes[val_classes])
+    scored = []
+    for reg_lambda in model.hp["lambda_grid"]:
+        _, new = _optimise(jacobians, targets, seen_w[fit], reg_lambda, model.hp, seed)
+        scored.append((zs.validation_gzsl_h(feats, labels, seen_w, new, val_classes), reg_lambda))
+    best_h, best = max(scored, key=lambda t: (t[0], t[1]))  # ties: the stronger regulariser
+    return float(best), float(best_h)
 
 
 def fit_niwt(model, data, device, batch_size: int = 64, seed: int = 0) -> dict:
@@ -86,22 +125,20 @@ def fit_niwt(model, data, device, batch_size: int = 64, seed: int = 0) -> dict:
         _, val_classes = zs.validation_classes(num_seen, hp["val_class_fraction"], seed)
         amap = zs.fit_attribute_map(attributes[labels], alphas, labels, val_classes,
                                     hp["map_steps"], hp["map_lr"], seed=seed)
-        targets = amap(attributes[num_seen:])
         jacobians = collect_jacobians(model, data.push, hp["num_images"], batch_size, device, seed)
-        head = model.base.get_submodule(model.head_name)
-        unseen = zs.optimise_unseen_weights(
-            jacobians, targets, head.weight.detach(), reg_lambda=hp["reg_lambda"], lr=hp["lr"],
-            max_steps=hp["max_steps"], patience=hp["patience"],
-            min_improvement=hp["min_improvement"], seed=seed)
-        _store(model, amap, unseen, head, alphas, attributes[labels])
+        reg_lambda, val_h = select_lambda(model, amap.held_out, attributes, jacobians, data.val,
+                                          val_classes, batch_size, device, seed)
+        seen_w = _seen_weights(model)
+        unseen, _ = _optimise(jacobians, amap(attributes[num_seen:]), seen_w, reg_lambda, hp, seed)
+        _store(model, amap, unseen, float(seen_w[:, -1].mean()), alphas, attributes[labels])
     finally:
         model.train(was_training)
     model.metadata["niwt"] = {"val_classes": [split.class_names[k] for k in val_classes],
-                              "seed": seed}
+                              "seed": seed, "reg_lambda": reg_lambda}
     return {"importance_images": len(alphas), "map_steps": amap.steps,
-            "map_val_cosine_distance": amap.val_loss, "unseen_steps": unseen.steps,
-            "unseen_loss": unseen.loss, "unseen_cosine": unseen.cosine,
-            "degenerate_layer": int(degenerate)}
+            "map_val_cosine_distance": amap.val_loss, "reg_lambda": reg_lambda,
+            "val_gzsl_h": val_h, "unseen_steps": unseen.steps, "unseen_loss": unseen.loss,
+            "unseen_cosine": unseen.cosine, "degenerate_layer": int(degenerate)}
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -162,15 +199,13 @@ def zero_shot_metrics(model, data, batch_size: int = 64) -> dict[str, float]:
     metrics = zs.gzsl_metrics(seen_logits, seen_labels, unseen_logits, unseen_labels, num_seen)
 
     attributes = split.class_attributes.astype(np.float64)
-    head = model.base.get_submodule(model.head_name)
-    bias = head.bias if head.bias is not None else torch.zeros(num_seen)
-    seen_w = torch.cat([head.weight, bias[:, None]], 1).detach().cpu().double().numpy()
+    seen_w = _seen_weights(model)
     _, val_feats, val_labels = _outputs(model, data.val, batch_size, device)
     names = model.metadata.get("niwt", {}).get("val_classes")
     val_classes = [split.class_names.index(n) for n in names] if names else \
         zs.validation_classes(num_seen, model.hp["val_class_fraction"], 0)[1]
-    ridge = zs.select_ridge_alpha(attributes[:num_seen], seen_w, val_feats, val_labels,
-                                  val_classes)
+    ridge, _ = zs.select_ridge_alpha(attributes[:num_seen], seen_w, val_feats, val_labels,
+                                     val_classes)
     all_w = np.concatenate([seen_w, zs.direct_regression_weights(
         attributes[:num_seen], seen_w, attributes[num_seen:], ridge)])
     direct = zs.gzsl_metrics(_linear_scores(seen_feats, all_w), seen_labels,

@@ -67,7 +67,7 @@ def squared_distances(features: torch.Tensor, prototypes: torch.Tensor) -> torch
 
 @register_model("protopnet")
 class ProtoPNet(ZooModel):
-    def __init__(self, backbone: str = "tiny_cnn", num_classes: int | None = None,
+    def __init__(self, backbone: str = "tiny_cnn_s4", num_classes: int | None = None,
                  pretrained=False, stage: int = -1, prototypes_per_class: int = 10,
                  prototype_dim: int = 128, add_on: str = "regular", similarity: str = "log",
                  prototype_classes: list[int] | None = None,
@@ -188,8 +188,14 @@ def protopnet_phases(cfg: TrainConfig, backbone: str) -> list[Phase]:
     ``paper`` (default for real data): 5 warm-up epochs, then joint training with StepLR(5, 0.1)
     stepped every joint epoch (official ``main.py``), a push at epochs 10, 20, ... each followed by
     20 last-layer epochs; ``cfg.epochs`` (default 100) counts warm-up + joint epochs. ``short`` (default for the
-    built-in data, CPU-sized): 2 warm-up epochs, 6 joint epochs (cosine), push, 4 last-layer
-    epochs, prune, 4 last-layer epochs. Learning rates are the official ones (``--lr`` scales
+    built-in data, CPU-sized): 2 warm-up epochs, push, 6 joint epochs (cosine), push, 4
+    last-layer epochs, prune, 4 last-layer epochs. The push right after warm-up is ours, standing
+    in for the paper's repeated pushes that a short run has no room for: a prototype that never
+    becomes the nearest of its class gets almost no gradient (the log similarity is flat far away,
+    its derivative is about -1e-4 / d^2), stays where its random initialisation put it, and the
+    final push then lands it on an arbitrary patch. Measured on synthetic-parts: validation
+    accuracy 0.987 -> 0.57 across the final push without the early push, 1.00 -> 0.993 with it
+    (every prototype then starts on a real patch and trains). Learning rates are the official ones (``--lr`` scales
     them) except two deliberate changes: a backbone trained from scratch gets 1e-3 instead of the
     1e-4 meant for pretrained weights, and the short schedule's last layer gets 1e-2 instead of
     1e-4 — it has about 40 steps per epoch instead of the thousands of the paper's augmented CUB,
@@ -210,11 +216,9 @@ def protopnet_phases(cfg: TrainConfig, backbone: str) -> list[Phase]:
         joint = cfg.epochs if cfg.epochs is not None else 6
         last_epochs = 4
         last = {"last_layer": 1e-2 * scale}
-        import os
-        early = [Phase("push_after_warm", action="push")] if os.environ.get("PZ_EARLY") else []
         return [
             Phase("warm", 2, warm_lrs, weights, weight_decay=wd),
-            *early,
+            Phase("push_after_warm", action="push"),
             Phase("joint", joint, joint_lrs, weights, weight_decay=wd, schedule="cosine"),
             Phase("push", action="push"),
             Phase("last_layer", last_epochs, last, weights),

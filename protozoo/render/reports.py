@@ -24,6 +24,10 @@ def _family_writers() -> dict:
         writers["protopnet"] = write_evidence_report
     except ImportError:
         pass
+    from .vqa_report import write_vqa_report
+
+    for family in ("san", "han", "cnn_lstm", "rn"):
+        writers[family] = write_vqa_report
     try:
         from .niwt_report import write_niwt_report
 
