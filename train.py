@@ -86,13 +86,12 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
     if flags.get("pretrained") == "timm":
         flags["pretrained"] = True
     values.update(flags)
-    if args.base:  # a head on a trained run: its data settings, unless flags say otherwise
+    base = args.base or values.get("model_args", {}).get("base")
+    if base or values.get("model") == "niwt":  # a head on a trained run: its data by default
         from protozoo.models.niwt import inherited_config
 
-        values = {**inherited_config(args.base), **values, "model_args": {
-            **values.get("model_args", {}), "base": args.base}}
-        if values.get("model") != "niwt":
-            raise UserError("--base RUN_DIR is for --model niwt (a head on a trained run)")
+        values = {**inherited_config(base, values.get("model")), **values, "model_args": {
+            **values.get("model_args", {}), "base": base}}
     if values.get("backbone") is None:  # the family's own default, recorded in the run
         values["backbone"] = model_default(values.get("model", TrainConfig.model), "backbone")
     values["model_args"] = {**values.get("model_args", {}), **_key_values(args.model_arg,

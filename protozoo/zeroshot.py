@@ -231,6 +231,23 @@ def optimise_unseen_weights(jacobians: torch.Tensor, targets: torch.Tensor, seen
     return UnseenWeights(weight.detach(), len(history), history[-1], cosine, history)
 
 
+def calibrated_biases(new_weights: np.ndarray, seen_weights: np.ndarray, features: np.ndarray,
+                      labels: np.ndarray) -> np.ndarray:
+    """Biases [U] for new classes' weights ``new_weights`` [U, D], from seen images alone.
+
+    Each new class's mean score over the seen images ``features`` [N, D] (none of which belongs
+    to it) is set to the mean score a seen class gives the images of *other* seen classes
+    (``seen_weights`` [S, D+1], bias last; ``labels`` index them). NIWT's loss constrains the
+    direction of a new weight vector through its importances but not the offset ``w . f`` it
+    adds to every image; this puts new and seen classes on the same footing for images that are
+    not theirs, which is what generalised zero-shot classification compares.
+    """
+    scores = features @ seen_weights[:, :-1].T + seen_weights[:, -1]
+    present = np.unique(labels)
+    level = np.mean([scores[labels != k, k].mean() for k in present])
+    return level - (features @ new_weights.T).mean(0)
+
+
 def validation_gzsl_h(features: np.ndarray, labels: np.ndarray, seen_weights: np.ndarray,
                       new_weights: np.ndarray, val_classes: list[int]) -> float:
     """Harmonic mean of a pseudo generalised zero-shot test on held-out *seen* classes.
@@ -274,7 +291,7 @@ def direct_regression_weights(seen_attributes: np.ndarray, seen_weights: np.ndar
 
 
 def select_ridge_alpha(seen_attributes, seen_weights, features, labels, val_classes,
-                       candidates=(1e-3, 1e-2, 1e-1, 1.0, 10.0)) -> tuple[float, float]:
+                       candidates=(1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)) -> tuple[float, float]:
     """(ridge strength, its validation H): weights fitted without ``val_classes`` and scored by
     :func:`validation_gzsl_h` on ``features`` [N, D] / ``labels`` (seen indices)."""
     val = np.asarray(val_classes)

@@ -75,7 +75,7 @@ def test_importances_match_a_hand_computed_network():
         model.unseen_weight.normal_()
     x = torch.randn(3, 3, 32, 32)
     classes = torch.tensor([2, 0, 4])  # two seen classes and one unseen
-    alphas, acts, _ = model.importances(x, classes)
+    alphas, acts, _, _ = model.importances(x, classes)
     weights = torch.cat([base.fc.weight, model.unseen_weight])
     for b in range(3):
         expected = _hand_importance(acts[b], base.extra[0], weights[classes[b]])
@@ -92,7 +92,7 @@ def test_degenerate_layer_is_detected_and_warned():
     with pytest.warns(DegenerateLayerWarning):  # no extra conv: the backbone feeds GAP directly
         assert _niwt(_cam(extra_conv=0), layer="backbone").check_layer(x)
     degenerate = _niwt(_cam(extra_conv=0))
-    alphas, _, _ = degenerate.importances(x, torch.zeros(4, dtype=torch.long))
+    alphas = degenerate.importances(x, torch.zeros(4, dtype=torch.long))[0]
     torch.testing.assert_close(alphas, degenerate.base.fc.weight[0].expand(4, -1))  # alpha = w_k
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a layer with conv + ReLU above it passes silently
@@ -251,3 +251,114 @@ def test_cub_zero_shot_split_from_a_file_of_class_names(tmp_path):
     (root / "testclasses.txt").unlink()
     with pytest.raises(DataError, match="needs the unseen classes"):
         build_data("cub-zsl", data_dir=root, image_size=8)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+@pytest.fixture(scope="module")
+def zero_shot_run(tmp_path_factory):
+    """A seen classifier trained briefly on 16 px synthetic-attributes (38 seen classes), then
+    NIWT fitted on it through ``niwt_from_base`` as train.py does: (data, model, fit log)."""
+    from protozoo.engine import DistInfo, Trainer
+
+    root = tmp_path_factory.mktemp("niwt")
+    data = build_data("synthetic-attributes", cache_dir=root / "cache", num_train=1520,
+                      num_test=480, image_size=16)
+    torch.manual_seed(0)
+    base = protozoo.create_model("cam", backbone="tiny_cnn", stage=1, extra_conv=32,
+                                 class_names=data.class_names)
+    Trainer(TrainConfig(model="cam", epochs=4, lr=3e-3), base, data, None, DistInfo()).fit()
+    protozoo.save(base, root / "seen", image_size=16)
+    cfg = TrainConfig(model="niwt", dataset="synthetic-attributes", model_args={
+        "base": str(root / "seen"), "num_images": 32, "map_steps": 150,
+        "lambda_grid": [0.1, 1.0]})
+    model = niwt_from_base(cfg, data)
+    log = model.fit(data, "cpu", batch_size=64, seed=0)
+    return data, model, log, root
+
+
+def test_end_to_end_zero_shot_beats_chance(zero_shot_run):
+    data, model, log, root = zero_shot_run
+    assert log["degenerate_layer"] == 0 and log["unseen_cosine"] > 0.8
+    assert model.class_names == data.extras["zero_shot"].class_names  # seen, then unseen
+    from protozoo.evaluation import evaluate_run
+
+    metrics = evaluate_run(root / "zs", model=model, data=data,
+                           overrides={"dataset": "synthetic-attributes"})
+    chance = 1 / 10  # ten unseen classes
+    assert metrics["zsl_unseen"] >= 2.5 * chance, metrics
+    assert metrics["gzsl_seen"] > 3 / 38  # seen images, now classified over all 48 classes
+    for method in ("direct_regression", "dap"):  # the baselines are scored in the same run
+        assert 0 <= metrics[f"{method}/gzsl_h"] <= 1 and f"{method}/zsl_unseen" in metrics
+    written = json.loads((root / "zs" / "metrics.json").read_text())
+    assert written["zsl_unseen"] == metrics["zsl_unseen"]
+    page = (root / "zs" / "report" / "index.html").read_text()
+    assert "direct regression" in page and "neuron" in page
+
+
+def test_explanations_name_attributes_the_class_has(zero_shot_run):
+    data, model, _, _ = zero_shot_run
+    split = data.extras["zero_shot"]
+    images = torch.stack([split.unseen_test[i]["image"] for i in range(40)])
+    expl = model.explain(images, top_k=3)
+    assert expl.maps.shape[:2] == (40, 3) and (expl.maps >= 0).all()
+    assert (expl.importances[:, :-1] >= expl.importances[:, 1:]).all()  # most important first
+    signatures = zs.binarize_attributes(split.class_attributes)
+    named = [(int(k), n[0][0]) for k, row in zip(expl.classes, expl.names) for n in row if n]
+    hits = np.mean([signatures[k, split.attribute_names.index(a)] for k, a in named])
+    chance = signatures.mean()  # 3 of 11 attributes
+    assert len(named) >= 100 and hits > chance + 0.25, (hits, chance)
+
+
+def test_fitted_head_saves_and_loads(zero_shot_run, tmp_path):
+    data, model, _, _ = zero_shot_run
+    protozoo.save(model, tmp_path / "zs", image_size=16)
+    assert sorted(p.name for p in (tmp_path / "zs").iterdir()) == ["config.json",
+                                                                   "model.safetensors"]
+    loaded = protozoo.load(tmp_path / "zs")
+    assert loaded.class_names == model.class_names and loaded.num_seen == model.num_seen
+    x = torch.stack([data.test[i]["image"] for i in range(8)])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, model(x).logits)
+    assert loaded.neuron_names() == model.neuron_names()
+    assert bool(loaded.fitted) and loaded.hp == model.hp
+    torch.testing.assert_close(loaded.explain(x).maps, model.explain(x).maps)
+
+
+def test_report_escapes_data_strings(zero_shot_run, tmp_path):
+    from protozoo.render.niwt_report import write_niwt_report
+
+    data, model, _, _ = zero_shot_run
+    saved = list(model.class_names), list(model.attribute_names)
+    try:
+        model.class_names[-1] = "<script>alert(1)</script>"
+        model.attribute_names[0] = "shape:<b>circle</b>"
+        page = write_niwt_report(model, data, tmp_path, {"zsl_unseen": 0.5}, count=3).read_text()
+    finally:
+        model.class_names, model.attribute_names = saved
+    assert "<script>" not in page and "<b>circle" not in page
+    assert "&lt;script&gt;" in page and "&lt;b&gt;circle" in page
+
+
+def test_train_py_niwt_bad_input_is_one_line(zero_shot_run, tmp_path, monkeypatch, capsys):
+    import train
+    from protozoo.errors import run_cli
+
+    _, _, _, root = zero_shot_run
+    monkeypatch.chdir(tmp_path)
+    data = ["--dataset", "synthetic-attributes", "--cache-dir", str(root / "cache"),
+            "--image-size", "16", "--num-train", "1520", "--num-test", "480", "--out", "zs"]
+    cases = [
+        (["--model", "niwt"] + data, "pass --base RUN_DIR"),
+        (["--model", "niwt", "--base", "nowhere"] + data, "--base 'nowhere' is not a trained run"),
+        (["--model", "cam", "--base", str(root / "seen")] + data, "is for --model niwt"),
+        (["--model", "niwt", "--base", str(root / "seen"), "--model-arg", "layer=head"] + data,
+         "unknown layer 'head'"),
+        (["--model", "niwt", "--base", str(root / "seen"), "--model-arg", "unseen_bias=big"] + data,
+         "unseen_bias='big' is not one of"),
+    ]
+    for argv, message in cases:
+        assert run_cli(train.main, argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert list(tmp_path.iterdir()) == []  # nothing written

@@ -228,6 +228,7 @@ def test_rn_cnn_is_santoros_cnn():
 MODELS = [("san", {}), ("san", {"hops": 3, "score_tanh": True, "coordinates": False}),
           ("han", {}), ("han", {"adaptive": True}), ("han", {"reasoning": "pool"}),
           ("han", {"adaptive": True, "reasoning": "pool", "pool": "max"}),
+          ("han", {"unit_cells": True}),
           ("cnn_lstm", {}), ("rn", {})]
 
 
@@ -308,6 +309,36 @@ def test_han_output_ignores_cells_it_did_not_keep(kwargs):
             _replace_unkept(~before.kept, flip=kwargs.get("adaptive", False)))
         assert not torch.allclose(model(*inputs).logits, before.logits)
         handle.remove()
+
+
+def test_han_unit_cells_pass_only_directions_on():
+    """With ``unit_cells`` the answer ignores the embeddings' norms (scaling every cell keeps the
+    norm order, so the selection); without it, the same scaling changes the answer."""
+    inputs = random_batch()
+    for unit in (True, False):
+        model = make("han", g_dim=32, f_dim=32, unit_cells=unit).eval()
+        with torch.no_grad():
+            before = model(*inputs)
+            handle = model.embed.register_forward_hook(lambda m, i, o: o * 3.0)
+            after = model(*inputs)
+            handle.remove()
+        assert torch.equal(after.kept, before.kept)
+        assert torch.allclose(after.scores, before.scores * 3.0)
+        assert torch.allclose(after.logits, before.logits, atol=1e-5) == unit
+
+
+def test_default_schedule_for_builtin_and_other_data():
+    from protozoo.config import TrainConfig
+
+    for name, epochs in (("san", 6), ("han", 3), ("rn", 1), ("cnn_lstm", 6)):
+        model = make(name, g_dim=32, f_dim=32) if name in ("han", "rn") else make(name)
+        (phase,) = model.phases(TrainConfig(model=name, dataset="sort-of-clevr"))
+        assert (phase.epochs, phase.schedule) == (epochs, "cosine")
+        assert set(phase.lrs) == set(model.param_groups()) and set(phase.lrs.values()) == {1e-3}
+        (phase,) = model.phases(TrainConfig(model=name, dataset="clevr", epochs=4, lr=0.01))
+        assert (phase.epochs, phase.schedule, set(phase.lrs.values())) == (4, "constant", {0.01})
+        (phase,) = model.phases(TrainConfig(model=name, dataset="clevr"))
+        assert set(phase.lrs.values()) == {2.5e-4}  # Santoro et al.'s RN learning rate
 
 
 def test_han_gradient_is_zero_on_cells_not_kept():

@@ -156,7 +156,7 @@ def load_cub_zero_shot(root, image_size: int = 224, mean=(0.5,) * 3, std=(0.5,) 
 
     ``num_train``/``num_test`` keep seeded stratified subsets of about that many seen images
     (quick runs); the unseen test set is subset in proportion to ``num_test``."""
-    from protozoo.data.cub import CUBDataset, cub_labels, load_class_attributes
+    from protozoo.data.cub import CUBDataset, cub_labels
 
     root = Path(root)
     train_labels, test_labels = cub_labels(root, "train"), cub_labels(root, "test")

@@ -33,14 +33,17 @@ def zero_shot_split(model, data):
     return split
 
 
-def collect_importances(model, dataset, batch_size: int, device) -> tuple[torch.Tensor, ...]:
-    """(importances [N, C] of every image's own class, labels [N]) over ``dataset``."""
-    alphas, labels = [], []
+def collect_importances(model, dataset, batch_size: int, device):
+    """(importances [N, C] of every image's own class, labels [N], final-layer inputs [N, D] as
+    float64 numpy) over ``dataset``."""
+    alphas, labels, feats = [], [], []
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
         y = batch["label"].to(device)
-        alphas.append(model.importances(batch["image"].to(device), y)[0])
+        alpha, _, _, feat = model.importances(batch["image"].to(device), y)
+        alphas.append(alpha)
         labels.append(y)
-    return torch.cat(alphas), torch.cat(labels)
+        feats.append(feat.float().cpu())
+    return torch.cat(alphas), torch.cat(labels), torch.cat(feats).numpy().astype(np.float64)
 
 
 def collect_jacobians(model, dataset, count: int, batch_size: int, device, seed: int):
@@ -65,7 +68,7 @@ def _store(model, amap, unseen, bias, alphas, attrs) -> None:
     model.attribute_map.weight.copy_(amap.weight)
     model.attribute_map.bias.copy_(amap.bias)
     model.unseen_weight.copy_(unseen.weight)
-    model.unseen_bias.fill_(bias)
+    model.unseen_bias.copy_(torch.as_tensor(bias, dtype=model.unseen_bias.dtype))
     model.neuron_attribute_corr.copy_(zs.attribute_correlations(alphas, attrs))
     model.fitted.fill_(True)
 
@@ -78,32 +81,43 @@ def _seen_weights(model) -> np.ndarray:
     return weights.detach().cpu().double().numpy()
 
 
-def _optimise(jacobians, targets, seen_w: np.ndarray, reg_lambda: float, hp: dict, seed: int):
-    """Unseen weights [U, D+1] (bias: the mean seen bias) for ``targets`` [U, C]."""
+def _optimise(model, jacobians, targets, seen_w: np.ndarray, reg_lambda: float, seed: int,
+              feats: np.ndarray, labels: np.ndarray):
+    """(optimisation result, weights [U, D+1] with their biases) for ``targets`` [U, C], the new
+    classes competing with the seen classes ``seen_w`` whose images are ``feats``/``labels``."""
+    hp = model.hp
     weights = torch.as_tensor(seen_w[:, :-1], dtype=jacobians.dtype, device=jacobians.device)
     result = zs.optimise_unseen_weights(
         jacobians, targets, weights, reg_lambda=reg_lambda, lr=hp["lr"],
         max_steps=hp["max_steps"], patience=hp["patience"], min_improvement=hp["min_improvement"],
         seed=seed)
-    bias = np.full((len(targets), 1), seen_w[:, -1].mean())
-    return result, np.concatenate([result.weight.cpu().double().numpy(), bias], 1)
+    new = result.weight.cpu().double().numpy()
+    if hp["unseen_bias"] == "calibrated":
+        bias = zs.calibrated_biases(new, seen_w, feats, labels)
+    else:  # "zero" (the official code's untrained new bias) or "mean" (mean seen bias)
+        bias = np.full(len(new), seen_w[:, -1].mean() if hp["unseen_bias"] == "mean" else 0.0)
+    return result, np.concatenate([new, bias[:, None]], 1)
 
 
-def select_lambda(model, held_out_map, attributes, jacobians, val_data, val_classes, batch_size,
-                  device, seed) -> tuple[float, float]:
+def select_lambda(model, held_out_map, attributes, jacobians, train, val_data, val_classes,
+                  batch_size, device, seed) -> tuple[float, float]:
     """(lambda, validation H): each candidate lambda transfers weights to the held-out seen
-    classes (from the map fitted without them, initialised and regularised by the other seen
-    classes' weights), scored by :func:`protozoo.zeroshot.validation_gzsl_h` on ``val_data``.
-    A fixed ``reg_lambda`` skips the search."""
+    classes (from the map fitted without them, initialised, regularised and calibrated by the
+    other seen classes alone), scored by :func:`protozoo.zeroshot.validation_gzsl_h` on
+    ``val_data`` (held-out images of all seen classes). ``train`` = (features, labels) of the
+    seen training images. A fixed ``reg_lambda`` skips the search."""
     if model.hp["reg_lambda"] is not None:
         return float(model.hp["reg_lambda"]), float("nan")
     _, feats, labels = _outputs(model, val_data, batch_size, device)
     seen_w = _seen_weights(model)
-    fit = [k for k in range(model.num_seen) if k not in set(val_classes)]
+    fit = np.array([k for k in range(model.num_seen) if k not in set(val_classes)])
+    keep = np.isin(train[1], fit)
+    fit_labels = np.searchsorted(fit, train[1][keep])  # index into seen_w[fit]
     targets = held_out_map(attributes[val_classes])
     scored = []
     for reg_lambda in model.hp["lambda_grid"]:
-        _, new = _optimise(jacobians, targets, seen_w[fit], reg_lambda, model.hp, seed)
+        _, new = _optimise(model, jacobians, targets, seen_w[fit], reg_lambda, seed,
+                           train[0][keep], fit_labels)
         scored.append((zs.validation_gzsl_h(feats, labels, seen_w, new, val_classes), reg_lambda))
     best_h, best = max(scored, key=lambda t: (t[0], t[1]))  # ties: the stronger regulariser
     return float(best), float(best_h)
@@ -120,17 +134,18 @@ def fit_niwt(model, data, device, batch_size: int = 64, seed: int = 0) -> dict:
         attributes = torch.as_tensor(split.class_attributes, device=device)
         with torch.no_grad():
             model.class_attributes.copy_(attributes)
-        alphas, labels = collect_importances(model, data.push, batch_size, device)
+        alphas, labels, feats = collect_importances(model, data.push, batch_size, device)
         degenerate = _warn_if_degenerate(model, alphas, labels)
         _, val_classes = zs.validation_classes(num_seen, hp["val_class_fraction"], seed)
         amap = zs.fit_attribute_map(attributes[labels], alphas, labels, val_classes,
                                     hp["map_steps"], hp["map_lr"], seed=seed)
         jacobians = collect_jacobians(model, data.push, hp["num_images"], batch_size, device, seed)
-        reg_lambda, val_h = select_lambda(model, amap.held_out, attributes, jacobians, data.val,
-                                          val_classes, batch_size, device, seed)
-        seen_w = _seen_weights(model)
-        unseen, _ = _optimise(jacobians, amap(attributes[num_seen:]), seen_w, reg_lambda, hp, seed)
-        _store(model, amap, unseen, float(seen_w[:, -1].mean()), alphas, attributes[labels])
+        train = (feats, labels.cpu().numpy())
+        reg_lambda, val_h = select_lambda(model, amap.held_out, attributes, jacobians, train,
+                                          data.val, val_classes, batch_size, device, seed)
+        unseen, new = _optimise(model, jacobians, amap(attributes[num_seen:]),
+                                _seen_weights(model), reg_lambda, seed, *train)
+        _store(model, amap, unseen, new[:, -1], alphas, attributes[labels])
     finally:
         model.train(was_training)
     model.metadata["niwt"] = {"val_classes": [split.class_names[k] for k in val_classes],
