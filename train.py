@@ -131,6 +131,8 @@ def new_run_dir(cfg: TrainConfig, dist) -> Path:
     if run_dir.exists() and any(run_dir.iterdir()):  # every process stops, not only rank 0
         raise UserError(f"run directory '{run_dir}' already exists; continue it with --resume "
                         f"{run_dir} or choose another --out")
+    if dist.enabled:  # nobody writes into the folder before every process has checked it
+        torch.distributed.barrier()
     return run_dir
 
 

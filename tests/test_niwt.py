@@ -323,6 +323,12 @@ def test_fitted_head_saves_and_loads(zero_shot_run, tmp_path):
     assert loaded.neuron_names() == model.neuron_names()
     assert bool(loaded.fitted) and loaded.hp == model.hp
     torch.testing.assert_close(loaded.explain(x).maps, model.explain(x).maps)
+    model.train()  # explanations are computed at inference, whatever the model's mode
+    try:
+        torch.testing.assert_close(model.explain(x).maps, loaded.explain(x).maps)
+        assert model.training
+    finally:
+        model.eval()
 
 
 def test_report_escapes_data_strings(zero_shot_run, tmp_path):

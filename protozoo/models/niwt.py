@@ -186,13 +186,8 @@ class NIWT(ZooModel):
 
     def _layer_channels(self) -> int:
         size = max(64, 4 * self.base.stride)
-        was_training = self.base.training
-        self.base.eval()
-        try:
-            with torch.no_grad(), self._capture() as cap:
-                self.base(torch.zeros(1, 3, size, size))
-        finally:
-            self.base.train(was_training)
+        with torch.no_grad(), self._inference(), self._capture() as cap:
+            self.base(torch.zeros(1, 3, size, size))
         return int(cap["activations"].shape[1])
 
     @contextmanager
@@ -223,6 +218,17 @@ class NIWT(ZooModel):
             for handle in handles:
                 handle.remove()
 
+    @contextmanager
+    def _inference(self):
+        """Eval mode for the duration (importances are defined at inference: with batch-norm in
+        training mode the images of a batch would change each other's gradients)."""
+        was_training = self.training
+        self.eval()
+        try:
+            yield
+        finally:
+            self.train(was_training)
+
     # ---------------------------------------------------------------- forward
     def _run(self, x: torch.Tensor, grad_from_layer: bool = False):
         with self._capture(grad_from_layer) as cap:
@@ -244,7 +250,7 @@ class NIWT(ZooModel):
         Grad-CAM channel weights summed over space: ``d logit[class] / d A`` for all images of the
         batch in one backward pass (in eval mode, images do not interact). ``classes`` default to
         the predicted ones; unseen classes use the unseen weights."""
-        with torch.enable_grad():
+        with torch.enable_grad(), self._inference():
             logits, cap = self._run(x, grad_from_layer=True)
             if classes is None:
                 classes = logits.argmax(1)
@@ -258,7 +264,7 @@ class NIWT(ZooModel):
         chosen layer, so that any class weight vector w induces importances ``w @ J`` (see
         :func:`protozoo.zeroshot.induced_importances`). One batched backward pass per image
         batch (vmap over the D output directions)."""
-        with torch.enable_grad():
+        with torch.enable_grad(), self._inference():
             _, cap = self._run(x, grad_from_layer=True)
             feats, acts = cap["penultimate"], cap["activations"]
             eye = torch.eye(feats.shape[1], device=feats.device, dtype=feats.dtype)
