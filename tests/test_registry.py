@@ -75,6 +75,7 @@ def test_list_models_and_backbones():
     assert "cam" in protozoo.list_models()
     assert protozoo.list_models() == sorted(protozoo.list_models())
     backbones = protozoo.list_backbones()
-    assert backbones[:2] == ["small_cnn", "tiny_cnn"]
+    builtins = ["rn_cnn", "small_cnn", "tiny_cnn", "tiny_cnn_s4"]
+    assert backbones[:4] == builtins  # built-ins first, then timm's
     assert {"resnet18", "convnext_tiny"} <= set(backbones)
-    assert protozoo.list_backbones(timm_models=False) == ["small_cnn", "tiny_cnn"]
+    assert protozoo.list_backbones(timm_models=False) == builtins
