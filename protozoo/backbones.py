@@ -167,8 +167,8 @@ def _support_geometry(probe: nn.Module, in_chans: int, size: int):
 
 # ----------------------------------------------------------------------------- built-in backbones
 
-def _conv_block(cin: int, cout: int, pool: bool) -> nn.Sequential:
-    layers = [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
+def _conv_block(cin: int, cout: int, pool: bool, stride: int = 1) -> nn.Sequential:
+    layers = [nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout),
               nn.ReLU(inplace=True)]
     if pool:
         layers.append(nn.MaxPool2d(2))
@@ -182,14 +182,16 @@ class StagedCNN(nn.Module):
     that reads intermediate layers (NIWT) treats built-ins and timm models alike.
     """
 
-    def __init__(self, widths: list[int], pools: list[bool], stage: int = -1):
+    def __init__(self, widths: list[int], pools: list[bool], stage: int = -1,
+                 conv_stride: int = 1):
         super().__init__()
         stage = stage % len(widths)
         cins = [3] + widths[:-1]
-        self.stages = nn.ModuleList(_conv_block(ci, co, p) for ci, co, p in
-                                    zip(cins[: stage + 1], widths[: stage + 1], pools[: stage + 1]))
+        self.stages = nn.ModuleList(
+            _conv_block(ci, co, p, conv_stride)
+            for ci, co, p in zip(cins[: stage + 1], widths[: stage + 1], pools[: stage + 1]))
         self.out_channels = widths[stage]
-        self.reduction = 2 ** sum(pools[: stage + 1])
+        self.reduction = 2 ** sum(pools[: stage + 1]) * conv_stride ** (stage + 1)
 
     def forward(self, x):
         outs = []
@@ -220,37 +222,12 @@ def small_cnn(stage: int = -1) -> StagedCNN:
     return StagedCNN([32, 64, 64, 128, 128, 256], [True, False, True, False, True, False], stage)
 
 
-class StridedCNN(nn.Module):
-    """3x3 stride-2 convs (BN + ReLU), no pooling; ``stage`` cuts it like :class:`StagedCNN`.
-
-    Halving the map with the conv itself (not a max-pool) is what Santoro et al.'s Sort-of-CLEVR
-    CNN does; it keeps the layer count, and so the cost, tiny.
-    """
-
-    def __init__(self, widths: list[int], stage: int = -1):
-        super().__init__()
-        stage = stage % len(widths)
-        cins = [3] + widths[:-1]
-        self.stages = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(ci, co, 3, stride=2, padding=1, bias=False),
-                          nn.BatchNorm2d(co), nn.ReLU(inplace=True))
-            for ci, co in zip(cins[: stage + 1], widths[: stage + 1]))
-        self.out_channels = widths[stage]
-        self.reduction = 2 ** (stage + 1)
-
-    def forward(self, x):
-        outs = []
-        for stage in self.stages:
-            x = stage(x)
-            outs.append(x)
-        return outs
-
-
 @BUILTIN.register("rn_cnn")
-def rn_cnn(stage: int = -1) -> StridedCNN:
+def rn_cnn(stage: int = -1) -> StagedCNN:
     """Santoro et al. 2017's Sort-of-CLEVR CNN: 4 convs of 24 channels, 3x3 stride 2, BN + ReLU;
     stride 16, 75 px -> 5x5 cells (the paper's 25 "objects"), receptive field 31 px."""
-    return StridedCNN([24, 24, 24, 24], stage)
+    # Halving the map with the conv itself, not a max-pool, as Santoro et al.'s CNN does.
+    return StagedCNN([24, 24, 24, 24], [False] * 4, stage, conv_stride=2)
 
 
 # ----------------------------------------------------------------------------- public API

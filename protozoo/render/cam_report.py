@@ -40,10 +40,15 @@ def cam_panels(image: np.ndarray, cams: torch.Tensor, pred: int, label: int | No
     panels = [truth, draw_box(heatmap_overlay(image, up[pred]), threshold_box(up[pred]), YELLOW)]
     if label is not None and label != pred:
         panels.append(draw_box(heatmap_overlay(image, up[label]), threshold_box(up[label]), YELLOW))
-    gap = np.full((h, 2, 3), 255, np.uint8)
+    return side_by_side(panels)
+
+
+def side_by_side(panels: list[np.ndarray], gap: int = 2) -> np.ndarray:
+    """Equal-height uint8 panels in one row, separated by ``gap`` white columns."""
+    spacer = np.full((panels[0].shape[0], gap, 3), 255, np.uint8)
     row = [panels[0]]
     for p in panels[1:]:
-        row += [gap, p]
+        row += [spacer, p]
     return np.concatenate(row, axis=1)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cam_report import RED, _mask_outline, _metrics_table, _save_grid
+from .cam_report import RED, _mask_outline, _metrics_table, _save_grid, side_by_side
 from .html import esc, img_tag, table, write_page
 from .overlay import draw_box, heatmap_overlay, save_png, upscale
 
@@ -42,11 +42,7 @@ def vqa_panels(image: np.ndarray, attention: torch.Tensor, kept: torch.Tensor | 
         panels = [truth, kept_overlay(image, kept.cpu().numpy().astype(bool))]
     else:
         panels = [truth] + [heatmap_overlay(image, hop.float().cpu().numpy()) for hop in attention]
-    gap = np.full((image.shape[0], 2, 3), 255, np.uint8)
-    row = [panels[0]]
-    for p in panels[1:]:
-        row += [gap, p]
-    return np.concatenate(row, axis=1)
+    return side_by_side(panels)
 
 
 def write_vqa_report(model, data, out_dir: Path, metrics: dict, images=None,
