@@ -22,7 +22,7 @@ from protozoo.config import TrainConfig, read_yaml
 from protozoo.data import DATASETS, build_data
 from protozoo.engine import Trainer, read_resume_state, setup_distributed
 from protozoo.errors import UserError, run_cli
-from protozoo.registry import model_default
+from protozoo.registry import model_batch_size, model_default
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -47,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--epochs", type=int, help="default: the model family's schedule")
     p.add_argument("--schedule", help="family schedule (ProtoPNet: auto, short, paper)")
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--batch-size", type=int, help="default: the family's (64; VQA models 320)")
     p.add_argument("--lr", type=float, help="default: the model family's learning rates")
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
@@ -92,8 +92,11 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
 
         values = {**inherited_config(base, values.get("model")), **values, "model_args": {
             **values.get("model_args", {}), "base": base}}
+    family = values.get("model", TrainConfig.model)
     if values.get("backbone") is None:  # the family's own default, recorded in the run
-        values["backbone"] = model_default(values.get("model", TrainConfig.model), "backbone")
+        values["backbone"] = model_default(family, "backbone")
+    if values.get("batch_size") is None:  # VQA: 320 questions = ~16 scenes, one CNN pass each
+        values["batch_size"] = model_batch_size(family)
     values["model_args"] = {**values.get("model_args", {}), **_key_values(args.model_arg,
                                                                           "--model-arg")}
     values["loss_weights"] = {**values.get("loss_weights", {}),

@@ -87,6 +87,14 @@ def _gather(cells: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return cells.gather(1, index.unsqueeze(-1).expand(-1, -1, cells.shape[-1]))
 
 
+def select_all(cells: torch.Tensor) -> Selection:
+    """Every cell of ``cells`` ``[B, N, C]`` goes on (a Relation Network over all cells)."""
+    b, n = cells.shape[:2]
+    index = torch.arange(n, device=cells.device).expand(b, n)
+    everything = torch.ones(b, n, dtype=torch.bool, device=cells.device)
+    return Selection(cells, index, everything, everything)
+
+
 def select_top_k(cells: torch.Tensor, scores: torch.Tensor, k: int | float) -> Selection:
     """Keep the ``k`` cells of ``cells`` ``[B, N, C]`` with the largest ``scores`` ``[B, N]``.
 
@@ -266,6 +274,6 @@ class RelationModule(nn.Module):
         return valid.sum(1).long() ** 2
 
 
-__all__ = ["TopKPool", "Selection", "select_top_k", "select_adaptive", "adaptive_kept",
+__all__ = ["TopKPool", "Selection", "select_all", "select_top_k", "select_adaptive", "adaptive_kept",
            "resolve_k", "cell_norms", "cell_coordinates", "AttentionHop", "tanh_score_cap",
            "RelationModule"]

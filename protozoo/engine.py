@@ -25,7 +25,8 @@ from typing import Callable
 
 import torch
 import torch.distributed as torch_dist
-from torch.utils.data import DataLoader, Dataset, Subset
+import numpy as np
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torch.utils.data.distributed import DistributedSampler
 
 from . import checkpoint
@@ -295,8 +296,8 @@ class Trainer:
 
             ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
             net = DistributedDataParallel(self.model, device_ids=ids)
-        sampler = DistributedSampler(self.data.train, num_replicas=self.dist.world,
-                                     rank=self.dist.rank, shuffle=True, seed=self.cfg.seed)
+        sampler = training_sampler(self.data.train, self.dist.world, self.dist.rank,
+                                   self.cfg.seed)
         loader = DataLoader(self.data.train, batch_size=self.cfg.batch_size, sampler=sampler,
                             num_workers=self.cfg.workers, drop_last=False,
                             pin_memory=self.dist.device.type == "cuda")
@@ -345,6 +346,47 @@ class Trainer:
                 optimizer.step()
             _accumulate(sums, terms, output, batch)
         return _averages(sums, self.dist)
+
+
+class GroupedSampler(Sampler[int]):
+    """A shuffled order in which the items of a group (a VQA scene's questions) stay together.
+
+    Every epoch the groups are shuffled and so are the items inside each group; consecutive
+    items therefore share groups, and a batch of 320 holds about 16 scenes' 20 questions, whose
+    image goes through the CNN once (:meth:`protozoo.models.vqa.VQAModel.inputs`). Under DDP
+    the order is cut into ``num_replicas`` equal contiguous parts (the last wraps around, as
+    :class:`DistributedSampler` pads), so every rank runs the same number of batches. Seeded by
+    ``(seed, epoch)``: a resumed run repeats the order of the epoch it restarts."""
+
+    def __init__(self, groups, num_replicas: int = 1, rank: int = 0, seed: int = 0):
+        self.groups = np.asarray(groups).reshape(-1)
+        self.num_replicas, self.rank, self.seed, self.epoch = num_replicas, rank, seed, 0
+        self.per_rank = -(-len(self.groups) // num_replicas)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+    def __iter__(self):
+        rng = np.random.default_rng((self.seed, self.epoch))
+        item_order = rng.permutation(len(self.groups))  # shuffles the items inside each group
+        group_rank = rng.permutation(int(self.groups.max()) + 1 if len(self.groups) else 0)
+        order = item_order[np.argsort(group_rank[self.groups[item_order]], kind="stable")]
+        total = self.per_rank * self.num_replicas
+        order = np.resize(order, total)  # wraps around to pad, like DistributedSampler
+        mine = order[self.rank * self.per_rank:(self.rank + 1) * self.per_rank]
+        return iter(mine.tolist())
+
+
+def training_sampler(dataset: Dataset, world: int, rank: int, seed: int) -> Sampler:
+    """:class:`GroupedSampler` over ``dataset.image_indices`` for VQA data (questions grouped by
+    image), else a shuffling :class:`DistributedSampler`."""
+    groups = getattr(dataset, "image_indices", None)
+    if groups is not None and len(groups):
+        return GroupedSampler(groups, world, rank, seed)
+    return DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
 
 
 def _scheduled_lr(base: float, phase: Phase, epoch: int) -> float:

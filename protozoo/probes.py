@@ -6,9 +6,8 @@
   recomputed from the scene description, :func:`protozoo.data.sort_of_clevr.perturbations`) and
   count how often the model's answer stays the same. A model that reads the right objects is
   unmoved; one that leans on scene statistics is not.
-* :func:`reasoning_step_time` -- the time of the reasoning module alone (features already
-  computed), hard attention's relation network on the kept cells against a relation network on
-  all cells, measured in one process on the same input.
+* :func:`time_call` -- the median time of a call; the reasoning step of hard attention against
+  a Relation Network on all cells is timed by :func:`protozoo.models.vqa.time_reasoning`.
 """
 from __future__ import annotations
 
@@ -23,6 +22,16 @@ from .engine import iterate
 def predictions(model, dataset, batch_size: int, device, amp: str = "auto") -> np.ndarray:
     return torch.cat([out.logits.argmax(1).cpu() for _, out in
                       iterate(model, dataset, batch_size, device, amp)]).numpy()
+
+
+def can_perturb(dataset) -> bool:
+    """Whether ``dataset``'s scenes can be changed and re-rendered (a Sort-of-CLEVR split with its
+    scenes file and question programs; a real CLEVR download cannot)."""
+    try:
+        return len(dataset) > 0 and dataset.scene(0) is not None and \
+            dataset.program(0) is not None and "image_size" in dataset.scene(0)
+    except (AttributeError, IndexError, KeyError, TypeError):
+        return False
 
 
 def consistency(model, test_dataset, batch_size: int = 128, device=None, limit: int = 2000,

@@ -92,6 +92,13 @@ def model_default(name: str, argument: str):
     return None if param is None or param.default is inspect.Parameter.empty else param.default
 
 
+def model_batch_size(name: str) -> int:
+    """The family's default training batch size (``ZooModel.default_batch_size``)."""
+    from . import models  # noqa: F401
+
+    return int(getattr(MODELS.get(name), "default_batch_size", 64))
+
+
 def list_models() -> list[str]:
     from . import models  # noqa: F401  (importing the families registers them)
 

@@ -494,3 +494,51 @@ def test_san_learns_to_answer_from_the_asked_cell():
     attention = out.attention[:, -1].flatten(1)
     asked = attention[torch.arange(256), torch.where(which == 0, 0, 3)]
     assert asked.mean() > 0.35
+
+
+# ----------------------------------------------------------------------------- shared passes
+
+@pytest.mark.parametrize("name", ["san", "han", "cnn_lstm", "rn"])
+def test_a_shared_image_pass_gives_the_same_answers(name):
+    """Questions about one image share its CNN pass (``image_id`` -> ``image_index``) and repeated
+    questions share one LSTM pass; the logits equal those of one pass per question."""
+    model = make(name, **({} if name in ("san", "cnn_lstm") else {"g_dim": 32, "f_dim": 32}))
+    model.eval()
+    images, question, lengths = random_batch(b=3)
+    image_id = torch.tensor([2, 0, 2, 1, 0, 2])  # six questions about three images
+    question = torch.cat([question, question[[1, 1, 0]]])  # repeated questions, too
+    lengths = torch.cat([lengths, lengths[[1, 1, 0]]])
+    batch = {"image": images[image_id], "image_id": image_id, "question": question,
+             "question_length": lengths}
+    shared = model.inputs(batch)
+    assert len(shared[0]) == 3 and torch.equal(shared[0][shared[3]], images[image_id])
+    with torch.no_grad():
+        one_by_one = torch.cat([model(images[image_id[i:i + 1]], question[i:i + 1],
+                                      lengths[i:i + 1]).logits for i in range(6)])
+        together = model(*shared).logits
+    torch.testing.assert_close(together, one_by_one, rtol=1e-5, atol=1e-5)
+
+
+def test_a_shared_pass_trains_every_image():
+    """Gradients reach the CNN through every question of a shared image."""
+    model = make("san")
+    images, question, lengths = random_batch(b=2)
+    out = model(images, question[:2].repeat(2, 1), lengths[:2].repeat(2),
+                torch.tensor([0, 1, 1, 0]))
+    out.logits.sum().backward()
+    assert all(p.grad is not None for p in model.backbone.parameters())
+
+
+def test_reasoning_step_over_all_cells_costs_more():
+    """``time_reasoning(all_cells=True)`` runs the same module on every cell: for han at 25% of
+    25 cells (7 kept, 49 pairs vs 625) it must be slower than on the kept cells."""
+    model = make("han", g_dim=64, f_dim=32)
+    inputs = random_batch(b=8)
+    with torch.no_grad():
+        cells = model.cells(*inputs)
+        every = cells.without_selection()
+    assert cells.selection.cells.shape[1] == 7 and every.selection.cells.shape[1] == 25
+    assert bool(every.selection.kept.all())
+    kept = time_reasoning(model, *inputs, repeats=3)
+    full = time_reasoning(model, *inputs, repeats=3, all_cells=True)
+    assert full > 2 * kept

@@ -277,6 +277,7 @@ class VQADataset(Dataset):
             "label": int(self._table.labels[q]),
             "index": int(i) if i >= 0 else int(i) + len(self),
             "path": self._store.paths[j],
+            "image_id": j,  # lets a batch run each image through the CNN once
             "question": torch.from_numpy(self._table.tokens[q]).long(),
             "question_length": int(self._table.lengths[q]),
             "question_type": int(self._table.types[q]),
