@@ -330,7 +330,7 @@ def test_han_unit_cells_pass_only_directions_on():
 def test_default_schedule_for_builtin_and_other_data():
     from protozoo.config import TrainConfig
 
-    for name, epochs in (("san", 6), ("han", 3), ("rn", 1), ("cnn_lstm", 6)):
+    for name, epochs in (("san", 15), ("han", 8), ("rn", 1), ("cnn_lstm", 20)):
         model = make(name, g_dim=32, f_dim=32) if name in ("han", "rn") else make(name)
         (phase,) = model.phases(TrainConfig(model=name, dataset="sort-of-clevr"))
         assert (phase.epochs, phase.schedule) == (epochs, "cosine")
@@ -542,3 +542,70 @@ def test_reasoning_step_over_all_cells_costs_more():
     kept = time_reasoning(model, *inputs, repeats=3)
     full = time_reasoning(model, *inputs, repeats=3, all_cells=True)
     assert full > 2 * kept
+
+
+# ----------------------------------------------------------------------------- dataset metrics
+
+@pytest.fixture(scope="module")
+def tiny_sort_of_clevr(tmp_path_factory):
+    from protozoo.data import build_data
+
+    return build_data("sort-of-clevr", cache_dir=tmp_path_factory.mktemp("soc"), num_train=8,
+                      num_test=4)
+
+
+def test_consistency_of_a_model_blind_to_the_image_is_one(tiny_sort_of_clevr):
+    """The behavioural test compares answers before and after answer-preserving perturbations;
+    a model whose CNN outputs zeros answers from the question alone, so nothing can change."""
+    data = tiny_sort_of_clevr
+    model = protozoo.create_model("cnn_lstm", class_names=data.class_names,
+                                  **data.extras["model_kwargs"])
+    last_bn = [m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)][-1]
+    with torch.no_grad():
+        last_bn.weight.zero_()
+        last_bn.bias.zero_()
+    model.eval()
+    metrics = model.dataset_metrics(data)
+    assert metrics["consistency"] == 1.0 and metrics["perturbed_questions"] >= 40
+    assert 0 <= metrics["perturbed_accuracy"] <= 1
+
+
+def test_han_reports_its_reasoning_step_against_all_cells(tiny_sort_of_clevr):
+    data = tiny_sort_of_clevr
+    torch.manual_seed(0)
+    model = protozoo.create_model("han", class_names=data.class_names, g_dim=64, f_dim=32,
+                                  **data.extras["model_kwargs"])
+    metrics = model.dataset_metrics(data)
+    assert {"consistency", "reasoning_step_ms", "reasoning_step_all_cells_ms"} <= set(metrics)
+    assert metrics["reasoning_speedup"] == pytest.approx(
+        metrics["reasoning_step_all_cells_ms"] / metrics["reasoning_step_ms"])
+    assert metrics["reasoning_speedup"] > 2  # 49 pairs against 625
+
+
+def test_no_behavioural_test_without_scenes():
+    from protozoo.probes import can_perturb
+
+    class NoScenes:
+        def __len__(self):
+            return 3
+
+        def scene(self, i):
+            return None
+
+        def program(self, i):
+            return [{"function": "scene"}]
+
+    class ClevrScenes(NoScenes):  # real CLEVR scenes: 3D objects, no Sort-of-CLEVR description
+        def scene(self, i):
+            return {"objects": [{"3d_coords": [0, 0, 0]}]}
+
+    assert not can_perturb(NoScenes()) and not can_perturb(ClevrScenes())
+    assert not can_perturb([])
+
+
+def test_vqa_families_train_on_batches_of_whole_scenes():
+    """train.py's batch size defaults to the family's: 320 questions (~16 scenes) for VQA."""
+    from protozoo.registry import model_batch_size
+
+    assert [model_batch_size(n) for n in ("san", "han", "cnn_lstm", "rn")] == [320] * 4
+    assert model_batch_size("protopnet") == model_batch_size("cam") == 64
