@@ -230,6 +230,42 @@ def rn_cnn(stage: int = -1) -> StagedCNN:
     return StagedCNN([24, 24, 24, 24], [False] * 4, stage, conv_stride=2)
 
 
+class WithCellColour(nn.Module):
+    """A CNN's last map beside each cell's mean input colour: ``[colour (3); P(features)]``.
+
+    The colour is the input average-pooled to the map's grid (75 px / 5 cells: 15 px tiles), and
+    ``P`` is a 1x1 conv initialised to zero, so a fresh model sees the cells' colours alone and
+    the learnt features grow in as training finds them useful (the zero-initialised branch of
+    Goyal et al. 2017). Why: attention and relation heads trained from scratch on Sort-of-CLEVR
+    bind the question's colour to a cell quickly when the cell's colour is given, and slowly
+    through a random CNN's features -- measured with SAN on the default 4000 scenes, non-
+    relational test accuracy 0.61 after 15 epochs from ``rn_cnn``, 0.95 after 10 from this
+    (with the VQA families' 10x lower backbone learning rate)."""
+
+    def __init__(self, cnn: StagedCNN):
+        super().__init__()
+        self.cnn = cnn
+        width = cnn.out_channels
+        self.project = nn.Conv2d(width, width, 1)
+        nn.init.zeros_(self.project.weight)
+        nn.init.zeros_(self.project.bias)
+        self.out_channels = width + 3
+        self.reduction = cnn.reduction
+
+    def forward(self, x):
+        outs = self.cnn(x)
+        features = outs[-1]
+        colour = nn.functional.adaptive_avg_pool2d(x, features.shape[-2:])
+        return [*outs[:-1], torch.cat([colour, self.project(features)], dim=1)]
+
+
+@BUILTIN.register("rn_cnn_rgb")
+def rn_cnn_rgb(stage: int = -1) -> WithCellColour:
+    """``rn_cnn`` plus every cell's mean input colour (:class:`WithCellColour`): 27 channels,
+    stride 16. The VQA families' default."""
+    return WithCellColour(rn_cnn(stage))
+
+
 # ----------------------------------------------------------------------------- public API
 
 @functools.lru_cache(maxsize=1)

@@ -330,15 +330,31 @@ def test_han_unit_cells_pass_only_directions_on():
 def test_default_schedule_for_builtin_and_other_data():
     from protozoo.config import TrainConfig
 
-    for name, epochs in (("san", 15), ("han", 8), ("rn", 1), ("cnn_lstm", 20)):
+    for name, epochs in (("san", 15), ("han", 5), ("rn", 1), ("cnn_lstm", 20)):
         model = make(name, g_dim=32, f_dim=32) if name in ("han", "rn") else make(name)
         (phase,) = model.phases(TrainConfig(model=name, dataset="sort-of-clevr"))
         assert (phase.epochs, phase.schedule) == (epochs, "cosine")
-        assert set(phase.lrs) == set(model.param_groups()) and set(phase.lrs.values()) == {1e-3}
+        assert set(phase.lrs) == set(model.param_groups())
+        assert phase.lrs == {"backbone": pytest.approx(1e-4), "head": 1e-3}
         (phase,) = model.phases(TrainConfig(model=name, dataset="clevr", epochs=4, lr=0.01))
-        assert (phase.epochs, phase.schedule, set(phase.lrs.values())) == (4, "constant", {0.01})
+        assert (phase.epochs, phase.schedule) == (4, "constant")
+        assert phase.lrs == {"backbone": pytest.approx(1e-3), "head": 0.01}
         (phase,) = model.phases(TrainConfig(model=name, dataset="clevr"))
-        assert set(phase.lrs.values()) == {2.5e-4}  # Santoro et al.'s RN learning rate
+        assert phase.lrs["head"] == 2.5e-4  # Santoro et al.'s RN learning rate
+
+
+def test_rn_cnn_rgb_starts_from_the_cells_mean_colour():
+    """A fresh rn_cnn_rgb outputs each 15 px tile's mean colour and zeros for the CNN branch
+    (zero-initialised 1x1 conv), and the branch still gets a gradient."""
+    backbone = create_backbone("rn_cnn_rgb")
+    image = torch.randn(2, 3, 75, 75)
+    out = backbone(image)
+    assert out.shape == (2, 27, 5, 5) and backbone.stride == 16
+    tile = image[:, :, 15:30, 30:45].mean(dim=(2, 3))  # cell (1, 2)
+    torch.testing.assert_close(out[:, :3, 1, 2], tile)
+    assert out[:, 3:].abs().max() == 0
+    out[:, 3:].sum().backward()
+    assert backbone.body.project.weight.grad.abs().sum() > 0
 
 
 def test_han_gradient_is_zero_on_cells_not_kept():
@@ -558,7 +574,7 @@ def test_consistency_of_a_model_blind_to_the_image_is_one(tiny_sort_of_clevr):
     """The behavioural test compares answers before and after answer-preserving perturbations;
     a model whose CNN outputs zeros answers from the question alone, so nothing can change."""
     data = tiny_sort_of_clevr
-    model = protozoo.create_model("cnn_lstm", class_names=data.class_names,
+    model = protozoo.create_model("cnn_lstm", backbone="rn_cnn", class_names=data.class_names,
                                   **data.extras["model_kwargs"])
     last_bn = [m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)][-1]
     with torch.no_grad():

@@ -207,15 +207,22 @@ class VQAModel(ZooModel):
         return self.question_encoder(unique, lengths[first])[inverse]
 
     # ---------------------------------------------------------------- training and evaluation
+    backbone_lr_scale = 0.1  # the CNN learns 10x slower than the head (README: measured)
+
     def phases(self, cfg: TrainConfig) -> list[Phase]:
         """One Adam phase over everything. Built-in data (sort-of-clevr): ``builtin_lr`` with a
-        cosine decay for ``builtin_epochs``; other data (CLEVR): the RN paper's constant 2.5e-4."""
+        cosine decay for ``builtin_epochs``; other data (CLEVR): the RN paper's constant 2.5e-4.
+        ``--lr`` sets the head's rate; the backbone always gets ``backbone_lr_scale`` of it (ours,
+        not the papers'): a CNN from scratch that moves as fast as the head keeps changing the
+        features the attention is learning to read (SAN with ``rn_cnn_rgb``, measured: non-
+        relational test accuracy 0.95 after 10 epochs at 0.1x, 0.56 after 4 at 1x)."""
         builtin = cfg.dataset in BUILTIN_DATASETS
         lr = cfg.lr if cfg.lr is not None else (self.builtin_lr if builtin else self.paper_lr)
         epochs = cfg.epochs if cfg.epochs is not None else (
             self.builtin_epochs if builtin else self.paper_epochs)
-        return [Phase("train", epochs, {g: lr for g in self.param_groups()},
-                      weight_decay=cfg.weight_decay,
+        lrs = {g: lr * (self.backbone_lr_scale if g == "backbone" else 1.0)
+               for g in self.param_groups()}
+        return [Phase("train", epochs, lrs, weight_decay=cfg.weight_decay,
                       schedule="cosine" if builtin else "constant")]
 
     def reasoning_pairs(self, output: VQAOutput) -> torch.Tensor:
@@ -268,7 +275,7 @@ def uniform_attention(b: int, h: int, w: int, like: torch.Tensor) -> torch.Tenso
 class SAN(VQAModel):
     builtin_epochs = 15  # ~0.13 s a batch of 320 (one thread): ~40 s an epoch
 
-    def __init__(self, backbone: str = "rn_cnn", num_classes: int | None = None,
+    def __init__(self, backbone: str = "rn_cnn_rgb", num_classes: int | None = None,
                  pretrained=False, stage: int = -1, class_names: list[str] | None = None,
                  vocab: list[str] | None = None, word_dim: int = 32, question_dim: int = 128,
                  hops: int = 2, att_dim: int = 64, score_tanh: bool = False,
@@ -320,7 +327,7 @@ class SAN(VQAModel):
 class CNNLSTM(VQAModel):
     builtin_epochs = 20  # ~0.09 s a batch of 320 (one thread): ~30 s an epoch
 
-    def __init__(self, backbone: str = "rn_cnn", num_classes: int | None = None,
+    def __init__(self, backbone: str = "rn_cnn_rgb", num_classes: int | None = None,
                  pretrained=False, stage: int = -1, class_names: list[str] | None = None,
                  vocab: list[str] | None = None, word_dim: int = 32, question_dim: int = 128,
                  grid: int = 5, hidden_dim: int = 256, dropout: float = 0.5):
@@ -440,9 +447,9 @@ class CellReasoner(VQAModel):
 
 @register_model("han")
 class HAN(CellReasoner):
-    builtin_epochs = 8  # ~0.3 s a batch of 320 (one thread): ~75 s an epoch
+    builtin_epochs = 5  # ~0.6 s a batch of 320 (one thread, g of 256 over 49 pairs): ~2.2 min an epoch
 
-    def __init__(self, backbone: str = "rn_cnn", num_classes: int | None = None,
+    def __init__(self, backbone: str = "rn_cnn_rgb", num_classes: int | None = None,
                  pretrained=False, stage: int = -1, class_names: list[str] | None = None,
                  vocab: list[str] | None = None, word_dim: int = 32, question_dim: int = 128,
                  embed_dim: int = 64, top_k: float | int = 0.25, adaptive: bool = False,
@@ -514,7 +521,7 @@ class HAN(CellReasoner):
 class RelationNetwork(CellReasoner):
     builtin_epochs = 1  # 625 pairs per question: one epoch is already ~20 CPU minutes
 
-    def __init__(self, backbone: str = "rn_cnn", num_classes: int | None = None,
+    def __init__(self, backbone: str = "rn_cnn_rgb", num_classes: int | None = None,
                  pretrained=False, stage: int = -1, class_names: list[str] | None = None,
                  vocab: list[str] | None = None, word_dim: int = 32, question_dim: int = 128,
                  g_dim: int = 256, g_layers: int = 4, f_dim: int = 256, dropout: float = 0.5):
