@@ -32,7 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--base", metavar="RUN_DIR", help="--model niwt: the run of the seen-class "
                    "classifier it extends (whose data settings are the defaults)")
     p.add_argument("--model", help=f"one of {', '.join(protozoo.list_models())} (default protopnet)")
-    p.add_argument("--backbone", help="tiny_cnn, tiny_cnn_s4, small_cnn, rn_cnn or any timm model "
+    p.add_argument("--backbone", help="tiny_cnn, tiny_cnn_s4, small_cnn, rn_cnn, rn_cnn_rgb or any timm model "
                    "(default: the model family's own, e.g. tiny_cnn_s4 for protopnet)")
     p.add_argument("--pretrained", help="'timm' for timm's weights, or a weights file path")
     p.add_argument("--stage", type=int, help="backbone feature stage (default -1, the last)")
@@ -178,9 +178,11 @@ def main(argv=None) -> int:
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.out = str(run_dir)
         cfg.save(run_dir / "train_config.json")
+        items, classes = (("questions", "answers") if "vocab" in data.extras
+                          else ("images", "classes"))
         print(f"training {cfg.model} ({cfg.backbone}) on {cfg.dataset}: {len(data.train)} train / "
-              f"{len(data.val)} val / {len(data.test)} test images, {len(data.class_names)} "
-              f"classes, device {dist.device}, run {run_dir}", flush=True)
+              f"{len(data.val)} val / {len(data.test)} test {items}, {len(data.class_names)} "
+              f"{classes}, device {dist.device}, run {run_dir}", flush=True)
 
     Trainer(cfg, model, data, run_dir, dist).fit(resume)
 
