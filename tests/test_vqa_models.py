@@ -14,7 +14,8 @@ from protozoo.attention import (AttentionHop, RelationModule, TopKPool, adaptive
                                 resolve_k, select_adaptive, tanh_score_cap)
 from protozoo.backbones import Geometry, create_backbone
 from protozoo.errors import DataError, UserError
-from protozoo.models.vqa import attention_metrics, cell_coverage, time_reasoning
+from protozoo.models.vqa import (CellEmbedding, attention_metrics, cell_coverage,
+                                 time_reasoning)
 
 VOCAB = ["<pad>", "<unk>", "bottom", "cell", "colour", "left", "of", "right", "top", "what"]
 ANSWERS = ["blue", "green", "red"]
@@ -228,7 +229,7 @@ def test_rn_cnn_is_santoros_cnn():
 MODELS = [("san", {}), ("san", {"hops": 3, "score_tanh": True, "coordinates": False}),
           ("han", {}), ("han", {"adaptive": True}), ("han", {"reasoning": "pool"}),
           ("han", {"adaptive": True, "reasoning": "pool", "pool": "max"}),
-          ("han", {"unit_cells": True}),
+          ("han", {"unit_cells": True}), ("han", {"fusion": "sum"}),
           ("cnn_lstm", {}), ("rn", {})]
 
 
@@ -274,6 +275,55 @@ def test_han_presence_is_embedding_norm_and_keeps_the_top_k():
     top = norms.flatten(1).topk(7, dim=1).indices
     assert torch.equal(out.kept.flatten(1), torch.zeros(4, 25, dtype=torch.bool).scatter_(
         1, top, True))
+
+
+def _set_embedding(emb: CellEmbedding, conv, question, bias=None):
+    with torch.no_grad():
+        emb.conv.weight.copy_(torch.tensor(conv, dtype=torch.float32)[:, :, None, None])
+        emb.question.weight.copy_(torch.tensor(question, dtype=torch.float32))
+        emb.question.bias.zero_()
+        if bias is not None:
+            emb.conv.bias.copy_(torch.tensor(bias, dtype=torch.float32))
+
+
+def test_gated_cell_embedding_by_hand():
+    """``e = ReLU(W (v - median cell)) * 2 sigmoid(P q)``, one 1x3 image of 2 channels."""
+    emb = CellEmbedding(channels=2, question_dim=1, embed_dim=2, fusion="gate")
+    _set_embedding(emb, conv=[[1, 0], [1, -1]], question=[[1], [-1]])
+    v = torch.tensor([[[[0.0, 1.0, 5.0]], [[2.0, 2.0, 3.0]]]])  # channels x (1 x 3 cells)
+    q = torch.tensor([[math.log(3.0)]])  # gates 2 sigmoid(+-log 3) = 1.5, 0.5
+    e = emb(v, q)
+    # median cell (1, 2); v - m = (-1, 0), (0, 0), (4, 1) -> W: (-1, -1), (0, 0), (4, 3)
+    expected = torch.tensor([[[[0.0, 0.0, 6.0]], [[0.0, 0.0, 1.5]]]])
+    assert torch.allclose(e, expected)
+
+
+def test_gated_presence_is_zero_on_the_typical_cell_whatever_the_question():
+    """A cell equal to the image's median cell (a uniform background) is never present; the
+    question decides which of the other cells is the most present."""
+    emb = CellEmbedding(channels=2, question_dim=2, embed_dim=2, fusion="gate")
+    _set_embedding(emb, conv=[[1, 0], [0, 1]], question=[[4, 0], [0, 4]])
+    v = torch.zeros(2, 2, 3, 3)
+    v[:, 0, 0, 0] = 1.0  # an object strong in channel 0
+    v[:, 1, 2, 2] = 1.0  # another strong in channel 1
+    q = torch.tensor([[1.0, -1.0], [-1.0, 1.0]])  # first asks about channel 0, second channel 1
+    presence = emb(v, q).norm(dim=1).flatten(1)
+    background = torch.ones(9, dtype=torch.bool)
+    background[[0, 8]] = False
+    assert (presence[:, background] == 0).all()
+    assert presence.argmax(1).tolist() == [0, 8]
+    assert (emb(torch.full((1, 2, 3, 3), 0.7), q[:1]) == 0).all()  # uniform image: nothing
+
+
+def test_summed_cell_embedding_is_the_papers_form():
+    emb = CellEmbedding(channels=2, question_dim=1, embed_dim=2, fusion="sum")
+    _set_embedding(emb, conv=[[1, 0], [1, -1]], question=[[1], [2]], bias=[0.5, 0.0])
+    v = torch.tensor([[[[0.0, 1.0]], [[2.0, -3.0]]]])
+    q = torch.tensor([[1.0]])  # adds (1, 2) to every cell: (1, 4), (2, -1)
+    expected = torch.tensor([[[[1.5, 2.5]], [[0.0, 3.0]]]])  # ReLU(x + 0.5), ReLU(x - y)
+    assert torch.allclose(emb(v, q), expected)
+    with pytest.raises(ValueError, match="fusion must be 'gate' or 'sum'"):
+        CellEmbedding(2, 1, 2, fusion="product")
 
 
 def _replace_unkept(kept, flip: bool):
