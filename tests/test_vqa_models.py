@@ -212,6 +212,35 @@ def test_relation_module_equals_pairwise_loops_and_counts_pairs():
     assert RelationModule.pair_counts(valid).tolist() == [9, 25]
 
 
+def test_relation_module_film_scales_the_pair_term_by_the_question():
+    """``g(o_i, o_j, q)``'s first layer with ``film``: ``(W_1 o_i + W_2 o_j) * (1 + F q) + W_3 q
+    + b``, checked against pairwise loops; at initialisation (F = 0) it is the paper's module."""
+    torch.manual_seed(0)
+    plain = RelationModule(object_dim=3, question_dim=2, num_outputs=4, g_dim=8, f_dim=8).eval()
+    film = RelationModule(object_dim=3, question_dim=2, num_outputs=4, g_dim=8, f_dim=8,
+                          film=True).eval()
+    film.load_state_dict(plain.state_dict(), strict=False)
+    objects, question = torch.randn(2, 5, 3), torch.randn(2, 2)
+    assert torch.allclose(film(objects, question), plain(objects, question), atol=1e-6)
+    with torch.no_grad():
+        film.film.weight.normal_()
+        film.film.bias.fill_(0.5)
+    w, d = film.g_first.weight, 3
+    for b in range(2):
+        gain = 1 + film.film(question[b])
+        total = torch.zeros(8)
+        for i in range(5):
+            for j in range(5):
+                pre = ((w[:, :d] @ objects[b, i] + w[:, d:2 * d] @ objects[b, j]) * gain
+                       + w[:, 2 * d:] @ question[b] + film.g_first.bias)
+                total = total + film.g_rest(pre)
+        assert torch.allclose(film(objects, question)[b], film.f(total[None])[0], atol=1e-4)
+    with torch.no_grad():  # a gain of 0 leaves only the question: the objects stop mattering
+        film.film.weight.zero_()
+        film.film.bias.fill_(-1.0)
+    assert torch.allclose(film(objects, question), film(torch.randn(2, 5, 3), question))
+
+
 # ----------------------------------------------------------------------------- backbone
 
 def test_rn_cnn_is_santoros_cnn():
@@ -229,7 +258,7 @@ def test_rn_cnn_is_santoros_cnn():
 MODELS = [("san", {}), ("san", {"hops": 3, "score_tanh": True, "coordinates": False}),
           ("han", {}), ("han", {"adaptive": True}), ("han", {"reasoning": "pool"}),
           ("han", {"adaptive": True, "reasoning": "pool", "pool": "max"}),
-          ("han", {"unit_cells": True}), ("han", {"fusion": "sum"}),
+          ("han", {"unit_cells": True}), ("han", {"fusion": "sum"}), ("han", {"film": True}),
           ("cnn_lstm", {}), ("rn", {})]
 
 

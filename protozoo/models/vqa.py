@@ -377,9 +377,10 @@ class CellSet:
         return CellSet(select_all(cells), self.question, self.grid, self.scores, False, cells)
 
 
-def _relation_module(object_dim, question_dim, num_classes, g_dim, g_layers, f_dim, dropout):
+def _relation_module(object_dim, question_dim, num_classes, g_dim, g_layers, f_dim, dropout,
+                     film=False):
     return RelationModule(object_dim, question_dim, num_classes, g_dim=g_dim, g_layers=g_layers,
-                          f_dim=f_dim, dropout=dropout)
+                          f_dim=f_dim, dropout=dropout, film=film)
 
 
 class CellReasoner(VQAModel):
@@ -494,7 +495,8 @@ class HAN(CellReasoner):
                  embed_dim: int = 64, top_k: float | int = 0.25, adaptive: bool = False,
                  reasoning: str = "relation", pool: str = "mean", fusion: str = "gate",
                  unit_cells: bool = False,
-                 g_dim: int = 256, g_layers: int = 4, f_dim: int = 256, dropout: float = 0.5):
+                 g_dim: int = 256, g_layers: int = 4, f_dim: int = 256, dropout: float = 0.5,
+                 film: bool = False):
         """
         Args:
             embed_dim: channels of the 1x1-conv cell embeddings (whose norm is the presence).
@@ -513,6 +515,8 @@ class HAN(CellReasoner):
                 300-700 steps; with ``unit_cells`` 63-69%). Off by default (the paper's form).
             g_dim, g_layers, f_dim, dropout: the Relation Network (Santoro: 256, 4, 256, 0.5);
                 the pooling MLP uses ``f_dim`` and ``dropout`` too.
+            film: the relation module's pair term scaled by the question (ours, off by default;
+                see :class:`~protozoo.attention.RelationModule`).
         """
         super().__init__()
         if reasoning not in ("relation", "pool"):
@@ -528,7 +532,7 @@ class HAN(CellReasoner):
         self.embed = CellEmbedding(bb.channels, question_dim, embed_dim, fusion)
         if reasoning == "relation":
             self.reasoner = _relation_module(embed_dim + 2, question_dim, self.num_classes,
-                                             g_dim, g_layers, f_dim, dropout)
+                                             g_dim, g_layers, f_dim, dropout, film)
         else:
             self.reasoner = nn.Sequential(
                 nn.Linear(embed_dim + 2 + question_dim, f_dim), nn.ReLU(inplace=True),
