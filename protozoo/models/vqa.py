@@ -466,7 +466,8 @@ class CellEmbedding(nn.Module):
     many as keeping the 7 cells that differ most from white -- the bootstrap the paper gets from
     pretrained features, whose norms already mark objects. It does not stay there by itself:
     while the relation module has not learnt to use the cells, it drifted to 30% after 1400
-    steps (measured with a 128-wide relation module, one thread).
+    steps (measured with a 128-wide relation module, one thread); with HAN's ``unit_cells`` and
+    ``film`` defaults it was at 49% after 3000 steps.
     """
 
     def __init__(self, channels: int, question_dim: int, embed_dim: int, fusion: str = "gate"):
@@ -487,16 +488,20 @@ class CellEmbedding(nn.Module):
 
 @register_model("han")
 class HAN(CellReasoner):
-    builtin_epochs = 5  # ~0.6 s a batch of 320 (one thread, g of 256 over 49 pairs): ~2.2 min an epoch
+    # ~0.45 s a batch of 320 (one thread, g of 256 over 49 pairs): ~1.7 min an epoch, 17 min in
+    # all. Measured with the defaults below: validation accuracy flat near the answer prior
+    # (0.50) for 7 epochs, 0.60 after 8 (the relation module binds the question to the cells),
+    # non-relational test accuracy 0.77 after 10 (README)
+    builtin_epochs = 10
 
     def __init__(self, backbone: str = "rn_cnn_rgb", num_classes: int | None = None,
                  pretrained=False, stage: int = -1, class_names: list[str] | None = None,
                  vocab: list[str] | None = None, word_dim: int = 32, question_dim: int = 128,
                  embed_dim: int = 64, top_k: float | int = 0.25, adaptive: bool = False,
                  reasoning: str = "relation", pool: str = "mean", fusion: str = "gate",
-                 unit_cells: bool = False,
+                 unit_cells: bool = True,
                  g_dim: int = 256, g_layers: int = 4, f_dim: int = 256, dropout: float = 0.5,
-                 film: bool = False):
+                 film: bool = True):
         """
         Args:
             embed_dim: channels of the 1x1-conv cell embeddings (whose norm is the presence).
@@ -512,11 +517,17 @@ class HAN(CellReasoner):
                 quiet the object cells -- still noise to it early on -- by shrinking their norms
                 below the constant background's, and the selection then locks onto background
                 (measured on sort-of-clevr: kept cells on objects 67% at init, 35-45% after
-                300-700 steps; with ``unit_cells`` 63-69%). Off by default (the paper's form).
+                300-700 steps; with ``unit_cells`` 63-69%). On by default; ``False`` is the
+                paper's form.
             g_dim, g_layers, f_dim, dropout: the Relation Network (Santoro: 256, 4, 256, 0.5);
                 the pooling MLP uses ``f_dim`` and ``dropout`` too.
-            film: the relation module's pair term scaled by the question (ours, off by default;
-                see :class:`~protozoo.attention.RelationModule`).
+            film: the relation module's pair term scaled by the question (ours, on by default;
+                ``False`` is the paper's relation network; see
+                :class:`~protozoo.attention.RelationModule`). With ``fusion="gate"`` and
+                ``unit_cells`` it is what makes ``han`` learn from scratch on sort-of-clevr
+                (measured, 10 epochs: non-relational test accuracy 0.77; without ``film`` and
+                ``unit_cells``, 0.49 after 5 -- chance).
+            The paper's HAN is ``fusion="sum", unit_cells=False, film=False``.
         """
         super().__init__()
         if reasoning not in ("relation", "pool"):
