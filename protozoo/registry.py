@@ -71,13 +71,21 @@ def register_model(name: str) -> Callable[[F], F]:
 def create_model(name: str, **kwargs):
     """Build a registered model by name.
 
-    The keyword arguments are recorded on the model (``model.model_name``, ``model.init_kwargs``)
-    so that :func:`protozoo.save` can rebuild it from the checkpoint alone (nanoGPT's rule: a
-    checkpoint carries the arguments that rebuild its model).
+    The constructor's arguments -- the ones given *and* the defaults of the others -- are
+    recorded on the model (``model.model_name``, ``model.init_kwargs``) so that
+    :func:`protozoo.save` can rebuild it from the checkpoint alone (nanoGPT's rule: a checkpoint
+    carries the arguments that rebuild its model). Recording the defaults too means a checkpoint
+    keeps meaning the same model when a later version changes a default.
     """
-    model = MODELS.get(name)(**kwargs)
+    import inspect
+
+    constructor = MODELS.get(name)
+    model = constructor(**kwargs)
     model.model_name = name
-    model.init_kwargs = dict(kwargs)
+    recorded = {key: param.default for key, param in inspect.signature(constructor).parameters.items()
+                if param.default is not inspect.Parameter.empty
+                and param.kind is not inspect.Parameter.VAR_KEYWORD}
+    model.init_kwargs = {**recorded, **kwargs}
     return model
 
 

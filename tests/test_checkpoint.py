@@ -56,7 +56,9 @@ def test_round_trip_in_a_fresh_process(tmp_path):
     assert result.returncode == 0, result.stderr
     logits = load_file(str(tmp_path / "out.safetensors"))["logits"]
     assert torch.equal(logits, expected)
+    # the arguments given and the constructor's defaults: the checkpoint pins both
     assert result.stdout.strip() == ("cam ['cat', 'dog', '<b>bird</b>'] {'backbone': 'tiny_cnn', "
+                                     "'num_classes': None, 'pretrained': False, 'stage': -1, "
                                      "'extra_conv': 8} {'note': 'hello'}")
 
 
@@ -81,7 +83,8 @@ def test_config_json_contents(tmp_path):
     config = json.loads((tmp_path / CONFIG).read_text())
     assert config["format_version"] == FORMAT_VERSION == 1
     assert config["model"] == "cam"
-    assert config["kwargs"] == {"backbone": "tiny_cnn", "extra_conv": 4,
+    assert config["kwargs"] == {"backbone": "tiny_cnn", "num_classes": None, "pretrained": False,
+                                "stage": -1, "extra_conv": 4,
                                 "class_names": ["cat", "dog", "<b>bird</b>"]}
     assert config["class_names"] == ["cat", "dog", "<b>bird</b>"]
     assert config["normalization"] == {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
@@ -91,6 +94,25 @@ def test_config_json_contents(tmp_path):
 
     assert config["weights_sha256"] == hashlib.sha256((tmp_path / WEIGHTS).read_bytes()).hexdigest()
     assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG, WEIGHTS]
+
+
+def test_checkpoint_keeps_its_model_when_a_default_changes(tmp_path, monkeypatch):
+    """The config records the defaults the model was built with, so a later version's new
+    default does not silently change a loaded model (han's ``unit_cells`` has no weights: only
+    the recorded value tells the two models apart)."""
+    from protozoo.models.vqa import HAN
+
+    vocab = ["<pad>", "<unk>", "what", "colour"]
+    model = protozoo.create_model("han", class_names=["a", "b"], vocab=vocab, g_dim=8, f_dim=8)
+    assert model.unit_cells is True and model.init_kwargs["unit_cells"] is True
+    protozoo.save(model, tmp_path)
+    original = HAN.__init__
+
+    def new_defaults(self, *args, unit_cells=False, **kwargs):  # a "later version"
+        original(self, *args, unit_cells=unit_cells, **kwargs)
+
+    monkeypatch.setattr(HAN, "__init__", new_defaults)
+    assert protozoo.load(tmp_path).unit_cells is True
 
 
 def test_pretrained_path_is_not_needed_to_load(tmp_path):

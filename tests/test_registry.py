@@ -54,14 +54,17 @@ def test_create_model_records_name_and_kwargs():
     model = protozoo.create_model("cam", backbone="tiny_cnn", num_classes=4, extra_conv=8)
     assert isinstance(model, CAMNet)
     assert model.model_name == "cam"
-    assert model.init_kwargs == {"backbone": "tiny_cnn", "num_classes": 4, "extra_conv": 8}
+    # the given arguments and the constructor's defaults for the rest
+    assert model.init_kwargs == {"backbone": "tiny_cnn", "num_classes": 4, "pretrained": False,
+                                 "stage": -1, "class_names": None, "extra_conv": 8}
     assert model.num_classes == 4 and model.class_names == ["0", "1", "2", "3"]
     # the recorded kwargs are a copy: later edits by the caller do not leak in
     kwargs = {"backbone": "tiny_cnn", "class_names": ["a", "b"]}
     other = protozoo.create_model("cam", **kwargs)
     kwargs["backbone"] = "small_cnn"
     assert other.init_kwargs["backbone"] == "tiny_cnn"
-    assert other.config() == {"backbone": "tiny_cnn", "class_names": ["a", "b"]}
+    assert other.config() == {"backbone": "tiny_cnn", "num_classes": None, "pretrained": False,
+                              "stage": -1, "class_names": ["a", "b"], "extra_conv": 0}
 
 
 def test_class_names_and_num_classes_must_agree():
