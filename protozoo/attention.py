@@ -268,10 +268,10 @@ class RelationModule(nn.Module):
         first = objects @ w[:, :d].t()  # [B, N, H], o_i's share (first in the pair)
         second = objects @ w[:, d:2 * d].t()  # o_j's share
         common = F.linear(question, w[:, 2 * d:], self.g_first.bias)  # [B, H]
-        pairs = first.unsqueeze(2) + second.unsqueeze(1)  # [B, N, N, H]
+        pair_term = first.unsqueeze(2) + second.unsqueeze(1)  # [B, N, N, H]
         if self.film is not None:
-            pairs = pairs * (1 + self.film(question))[:, None, None]
-        pre = pairs + common[:, None, None]
+            pair_term = pair_term * (1 + self.film(question))[:, None, None]
+        pre = pair_term + common[:, None, None]
         g = self.g_rest(pre)
         if valid is not None:
             pairs = (valid.unsqueeze(2) & valid.unsqueeze(1)).unsqueeze(-1)

@@ -77,27 +77,27 @@ def create_model(name: str, **kwargs):
     carries the arguments that rebuild its model). Recording the defaults too means a checkpoint
     keeps meaning the same model when a later version changes a default.
     """
+    model = MODELS.get(name)(**kwargs)
+    model.model_name = name
+    model.init_kwargs = {**_constructor_defaults(name), **kwargs}
+    return model
+
+
+def _constructor_defaults(name: str) -> dict:
+    """Every keyword of model ``name``'s constructor that has a default, with that default."""
     import inspect
 
-    constructor = MODELS.get(name)
-    model = constructor(**kwargs)
-    model.model_name = name
-    recorded = {key: param.default for key, param in inspect.signature(constructor).parameters.items()
-                if param.default is not inspect.Parameter.empty
-                and param.kind is not inspect.Parameter.VAR_KEYWORD}
-    model.init_kwargs = {**recorded, **kwargs}
-    return model
+    from . import models  # noqa: F401
+
+    return {key: param.default
+            for key, param in inspect.signature(MODELS.get(name)).parameters.items()
+            if param.default is not inspect.Parameter.empty}
 
 
 def model_default(name: str, argument: str):
     """The default value of keyword ``argument`` of model ``name``'s constructor (e.g. the
     family's default backbone), or None when it has none."""
-    import inspect
-
-    from . import models  # noqa: F401
-
-    param = inspect.signature(MODELS.get(name)).parameters.get(argument)
-    return None if param is None or param.default is inspect.Parameter.empty else param.default
+    return _constructor_defaults(name).get(argument)
 
 
 def model_batch_size(name: str) -> int:

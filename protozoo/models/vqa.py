@@ -377,12 +377,6 @@ class CellSet:
         return CellSet(select_all(cells), self.question, self.grid, self.scores, False, cells)
 
 
-def _relation_module(object_dim, question_dim, num_classes, g_dim, g_layers, f_dim, dropout,
-                     film=False):
-    return RelationModule(object_dim, question_dim, num_classes, g_dim=g_dim, g_layers=g_layers,
-                          f_dim=f_dim, dropout=dropout, film=film)
-
-
 class CellReasoner(VQAModel):
     """``han`` and ``rn``: :meth:`cells` picks what the reasoning sees, :meth:`reason` answers.
 
@@ -542,8 +536,8 @@ class HAN(CellReasoner):
         # ReLU: presence = norm needs "absent" to be reachable; a cell with every unit off is.
         self.embed = CellEmbedding(bb.channels, question_dim, embed_dim, fusion)
         if reasoning == "relation":
-            self.reasoner = _relation_module(embed_dim + 2, question_dim, self.num_classes,
-                                             g_dim, g_layers, f_dim, dropout, film)
+            self.reasoner = RelationModule(embed_dim + 2, question_dim, self.num_classes, g_dim,
+                                           g_layers, f_dim, dropout, film)
         else:
             self.reasoner = nn.Sequential(
                 nn.Linear(embed_dim + 2 + question_dim, f_dim), nn.ReLU(inplace=True),
@@ -586,8 +580,8 @@ class RelationNetwork(CellReasoner):
         super().__init__()
         bb = self._init_vqa(backbone, pretrained, stage, num_classes, class_names, vocab,
                             word_dim, question_dim)
-        self.reasoner = _relation_module(bb.channels + 2, question_dim, self.num_classes,
-                                         g_dim, g_layers, f_dim, dropout)
+        self.reasoner = RelationModule(bb.channels + 2, question_dim, self.num_classes, g_dim,
+                                       g_layers, f_dim, dropout)
 
     def cells(self, image, question, question_length, image_index=None) -> CellSet:
         features = self.image_features(image, image_index)
