@@ -122,6 +122,8 @@ def build_model(cfg: TrainConfig, class_names: list[str], data=None):
     except TypeError as exc:  # an unknown --model-arg
         raise UserError(f"model '{cfg.model}' does not take these arguments ({exc}); check "
                         "--model-arg names against its docstring") from None
+    except ValueError as exc:  # a --model-arg value the constructor rejects
+        raise UserError(f"model '{cfg.model}': {exc}; fix the --model-arg value") from None
 
 
 def new_run_dir(cfg: TrainConfig, dist) -> Path:

@@ -66,6 +66,8 @@ BAD_TRAIN = [
     (FAST + ["--config", "intkey.yaml"], "unknown key(s) 42 in intkey.yaml"),
     (FAST + ["--model-arg", "nonsense=1"], "does not take these arguments"),
     (FAST + ["--model-arg", "nonsense"], "must look like KEY=VALUE"),
+    (["--model", "protopnet"] + FAST[2:] + ["--model-arg", "similarity=dot"],
+     "similarity must be 'log' or 'cosine', got 'dot'; fix the --model-arg value"),
     (FAST + ["--image-size", "4"], "image_size=4 is too small for digits"),
     (FAST + ["--val-fraction", "1.5"], "val_fraction=1.5 must be between 0 and 1"),
 ]
