@@ -68,6 +68,10 @@ def evaluate_run(run_dir, model=None, data=None, device="auto", report: bool = T
     device = resolve_device(device) if isinstance(device, str) else device
     if model is None:
         model = checkpoint.load(run_dir, device)
+    if images and not model.explains_images:
+        raise UserError(f"--images: a '{model.model_name}' model answers questions about an "
+                        "image, so an image alone has nothing to explain; drop --images (the "
+                        "report explains test questions)")
     cfg = run_config(run_dir, overrides)
     if data is None:
         data = build_eval_data(cfg, model)

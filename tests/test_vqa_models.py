@@ -469,6 +469,18 @@ def test_checkpoint_round_trip_keeps_logits_and_vocab(tmp_path):
         assert ids[1].tolist()[:2] == [VOCAB.index("what"), VOCAB.index("cell")]
 
 
+def test_evaluating_a_vqa_run_with_images_is_a_user_error(tmp_path):
+    """A VQA report cannot explain a bare image file (no question): say so before any work,
+    instead of ignoring --images."""
+    from protozoo.evaluation import evaluate_run
+
+    protozoo.save(make("san"), tmp_path / "san")
+    before = sorted(p.name for p in (tmp_path / "san").iterdir())
+    with pytest.raises(UserError, match="an image alone has nothing to explain; drop --images"):
+        evaluate_run(tmp_path / "san", images=["photo.png"])
+    assert sorted(p.name for p in (tmp_path / "san").iterdir()) == before
+
+
 def test_bad_inputs_are_one_line_user_errors():
     with pytest.raises(UserError, match="needs vocab"):
         protozoo.create_model("san", class_names=ANSWERS)

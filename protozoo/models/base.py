@@ -23,6 +23,7 @@ class ZooModel(nn.Module):
     model_name: str = ""
     init_kwargs: dict = {}
     default_batch_size: int = 64  # train.py's --batch-size when neither flag nor config sets it
+    explains_images: bool = True  # can its report explain a user's image file (--images)?
 
     def _init_backbone(self, backbone: str, pretrained, stage: int,
                        num_classes: int | None, class_names: list[str] | None) -> Backbone:

@@ -137,6 +137,7 @@ class VQAModel(ZooModel):
     # (no learnt features), 0.89 after 11; from pixels through a CNN trained from scratch
     # (rn_cnn, wider, stride 8, max-pooled, frozen or slower) it stays near 0.6 for 5-12 epochs.
     default_batch_size = 320  # about 16 scenes x their 20 questions, one CNN pass per scene
+    explains_images = False  # an answer needs a question: an image alone has nothing to explain
     paper_lr = 2.5e-4
     builtin_lr = 1e-3
     builtin_epochs = 6
