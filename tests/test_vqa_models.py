@@ -241,6 +241,29 @@ def test_relation_module_film_scales_the_pair_term_by_the_question():
     assert torch.allclose(film(objects, question), film(torch.randn(2, 5, 3), question))
 
 
+def test_relation_module_distance_is_one_more_input_of_g():
+    """``distance=True``: ``g``'s first layer also gets ``|p_i - p_j|`` (p: the objects' last two
+    features) times a learnt weight per unit; checked against pairwise loops. With that weight at
+    zero it is the module without the distance."""
+    torch.manual_seed(0)
+    plain = RelationModule(object_dim=3, question_dim=2, num_outputs=4, g_dim=8, f_dim=8).eval()
+    rn = RelationModule(object_dim=3, question_dim=2, num_outputs=4, g_dim=8, f_dim=8,
+                        distance=True).eval()
+    rn.load_state_dict(plain.state_dict(), strict=False)
+    objects, question = torch.randn(2, 5, 3), torch.randn(2, 2)
+    for b in range(2):
+        total = torch.zeros(8)
+        for i in range(5):
+            for j in range(5):
+                gap = math.dist(objects[b, i, 1:].tolist(), objects[b, j, 1:].tolist())
+                pre = rn.g_first(torch.cat([objects[b, i], objects[b, j], question[b]]))
+                total = total + rn.g_rest(pre + gap * rn.distance)
+        assert torch.allclose(rn(objects, question)[b], rn.f(total[None])[0], atol=1e-4)
+    with torch.no_grad():
+        rn.distance.zero_()
+    assert torch.allclose(rn(objects, question), plain(objects, question), atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- backbone
 
 def test_rn_cnn_is_santoros_cnn():
@@ -258,7 +281,8 @@ def test_rn_cnn_is_santoros_cnn():
 MODELS = [("san", {}), ("san", {"hops": 3, "score_tanh": True, "coordinates": False}),
           ("han", {}), ("han", {"adaptive": True}), ("han", {"reasoning": "pool"}),
           ("han", {"adaptive": True, "reasoning": "pool", "pool": "max"}),
-          ("han", {"fusion": "sum", "unit_cells": False, "film": False}),  # the paper's HAN
+          ("han", {"fusion": "sum", "unit_cells": False, "film": False,  # the paper's HAN
+                   "cell_features": False, "distance": False}),
           ("cnn_lstm", {}), ("rn", {})]
 
 
@@ -406,10 +430,35 @@ def test_han_unit_cells_pass_only_directions_on():
         assert torch.allclose(after.logits, before.logits, atol=1e-5) == unit
 
 
+def test_han_reasons_over_kept_cells_as_direction_features_and_position():
+    """With ``cell_features`` (default) each kept cell reaches the relation module as
+    ``[e / |e|; v; x; y]``: its embedding's direction, its backbone features and its centre;
+    without, as ``[e / |e|; x; y]``."""
+    from protozoo.attention import cell_coordinates
+
+    image, question, lengths = random_batch()
+    for with_features in (True, False):
+        model = make("han", g_dim=32, f_dim=32, cell_features=with_features).eval()
+        seen = {}
+        model.embed.register_forward_hook(lambda m, i, o: seen.update(e=o))
+        model.backbone.register_forward_hook(lambda m, i, o: seen.update(v=o))
+        model.reasoner.register_forward_pre_hook(lambda m, args: seen.update(o=args[0]))
+        with torch.no_grad():
+            out = model(image, question, lengths)
+        e = F.normalize(seen["e"], dim=1).flatten(2).transpose(1, 2)  # [B, 25, D]
+        v = seen["v"].flatten(2).transpose(1, 2)
+        xy = cell_coordinates(5, 5).expand(4, -1, -1)
+        every = torch.cat([e, v, xy] if with_features else [e, xy], dim=2)
+        rows = out.scores.flatten(1).topk(7, dim=1).indices
+        expected = every.gather(1, rows[..., None].expand(-1, -1, every.shape[-1]))
+        assert seen["o"].shape == (4, 7, 64 + 27 * with_features + 2)
+        assert torch.allclose(seen["o"], expected, atol=1e-6)
+
+
 def test_default_schedule_for_builtin_and_other_data():
     from protozoo.config import TrainConfig
 
-    for name, epochs in (("san", 15), ("han", 10), ("rn", 1), ("cnn_lstm", 20)):
+    for name, epochs in (("san", 15), ("han", 45), ("rn", 1), ("cnn_lstm", 20)):
         model = make(name, g_dim=32, f_dim=32) if name in ("han", "rn") else make(name)
         (phase,) = model.phases(TrainConfig(model=name, dataset="sort-of-clevr"))
         assert (phase.epochs, phase.schedule) == (epochs, "cosine")
