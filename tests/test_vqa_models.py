@@ -283,7 +283,7 @@ MODELS = [("san", {}), ("san", {"hops": 3, "score_tanh": True, "coordinates": Fa
           ("han", {"adaptive": True, "reasoning": "pool", "pool": "max"}),
           ("han", {"fusion": "sum", "unit_cells": False, "film": False,  # the paper's HAN
                    "cell_features": False, "distance": False}),
-          ("cnn_lstm", {}), ("rn", {})]
+          ("cnn_lstm", {}), ("rn", {}), ("rn", {"film": True, "distance": True})]
 
 
 @pytest.mark.parametrize("name, kwargs", MODELS)

@@ -591,14 +591,16 @@ class RelationNetwork(CellReasoner):
     def __init__(self, backbone: str = "rn_cnn_rgb", num_classes: int | None = None,
                  pretrained=False, stage: int = -1, class_names: list[str] | None = None,
                  vocab: list[str] | None = None, word_dim: int = 32, question_dim: int = 128,
-                 g_dim: int = 256, g_layers: int = 4, f_dim: int = 256, dropout: float = 0.5):
+                 g_dim: int = 256, g_layers: int = 4, f_dim: int = 256, dropout: float = 0.5,
+                 film: bool = False, distance: bool = False):
         """Santoro et al.'s RN: every CNN cell with its (x, y) is an object; g over all N^2
-        pairs with the question, summed, then f. Args as ``han``'s Relation Network."""
+        pairs with the question, summed, then f. Args as ``han``'s Relation Network; the
+        defaults are the paper's (``film`` and ``distance`` off, 256 wide x 4).""" 
         super().__init__()
         bb = self._init_vqa(backbone, pretrained, stage, num_classes, class_names, vocab,
                             word_dim, question_dim)
         self.reasoner = RelationModule(bb.channels + 2, question_dim, self.num_classes, g_dim,
-                                       g_layers, f_dim, dropout)
+                                       g_layers, f_dim, dropout, film, distance)
 
     def cells(self, image, question, question_length, image_index=None) -> CellSet:
         features = self.image_features(image, image_index)
