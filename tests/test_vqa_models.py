@@ -212,15 +212,21 @@ def test_relation_module_equals_pairwise_loops_and_counts_pairs():
     assert RelationModule.pair_counts(valid).tolist() == [9, 25]
 
 
+def plain_and_variant(**option):
+    """The paper's relation module and one with ``option`` on, sharing every common weight, and
+    a batch of 2 sets of 5 objects (3 features) with a 2-d question."""
+    torch.manual_seed(0)
+    plain = RelationModule(object_dim=3, question_dim=2, num_outputs=4, g_dim=8, f_dim=8).eval()
+    variant = RelationModule(object_dim=3, question_dim=2, num_outputs=4, g_dim=8, f_dim=8,
+                             **option).eval()
+    variant.load_state_dict(plain.state_dict(), strict=False)
+    return plain, variant, torch.randn(2, 5, 3), torch.randn(2, 2)
+
+
 def test_relation_module_film_scales_the_pair_term_by_the_question():
     """``g(o_i, o_j, q)``'s first layer with ``film``: ``(W_1 o_i + W_2 o_j) * (1 + F q) + W_3 q
     + b``, checked against pairwise loops; at initialisation (F = 0) it is the paper's module."""
-    torch.manual_seed(0)
-    plain = RelationModule(object_dim=3, question_dim=2, num_outputs=4, g_dim=8, f_dim=8).eval()
-    film = RelationModule(object_dim=3, question_dim=2, num_outputs=4, g_dim=8, f_dim=8,
-                          film=True).eval()
-    film.load_state_dict(plain.state_dict(), strict=False)
-    objects, question = torch.randn(2, 5, 3), torch.randn(2, 2)
+    plain, film, objects, question = plain_and_variant(film=True)
     assert torch.allclose(film(objects, question), plain(objects, question), atol=1e-6)
     with torch.no_grad():
         film.film.weight.normal_()
@@ -245,12 +251,7 @@ def test_relation_module_distance_is_one_more_input_of_g():
     """``distance=True``: ``g``'s first layer also gets ``|p_i - p_j|`` (p: the objects' last two
     features) times a learnt weight per unit; checked against pairwise loops. With that weight at
     zero it is the module without the distance."""
-    torch.manual_seed(0)
-    plain = RelationModule(object_dim=3, question_dim=2, num_outputs=4, g_dim=8, f_dim=8).eval()
-    rn = RelationModule(object_dim=3, question_dim=2, num_outputs=4, g_dim=8, f_dim=8,
-                        distance=True).eval()
-    rn.load_state_dict(plain.state_dict(), strict=False)
-    objects, question = torch.randn(2, 5, 3), torch.randn(2, 2)
+    plain, rn, objects, question = plain_and_variant(distance=True)
     for b in range(2):
         total = torch.zeros(8)
         for i in range(5):
