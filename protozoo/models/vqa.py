@@ -9,7 +9,8 @@
   embeddings (:class:`CellEmbedding`), a cell's presence score is its embedding's L2 norm,
   and only the top-k cells (default 25%) reach the reasoning module -- a Relation Network over the
   kept cells (with their coordinates and the question) or pooling. ``adaptive=True`` is AdaHAN:
-  keep the cells whose softmax over the norms is at least 1/N.
+  keep the cells whose softmax over the norms is at least 1/N. The defaults depart from the
+  paper where it was measured to matter on sort-of-clevr from scratch (see :class:`HAN`).
 * ``cnn_lstm`` -- the no-attention baseline (Santoro et al.'s CNN+MLP with an LSTM question).
 * ``rn`` -- Relation Network over all cells (Santoro et al., "A simple neural network module for
   relational reasoning", NeurIPS 2017), the cost hard attention is measured against.
