@@ -524,8 +524,8 @@ class HAN(CellReasoner):
                 the cells' coordinates; with ``[e; v]`` shape rose from step 4,000 and was 0.89
                 at 6,000 (one CPU thread, constant lr 1e-3; measured).
             g_dim, g_layers, f_dim, dropout: the Relation Network. Santoro et al.'s is 256, 4,
-                256, 0.5; ours defaults to 128, 3, 128, 0.5, about 3x faster a step, so that a
-                CPU run fits ~40 epochs in 20 minutes (``g_dim=256`` etc. for the paper's). The
+                256, 0.5; ours defaults to 128, 3, 128, 0.5, about 3x faster a step, so that
+                45 epochs fit in ~16 CPU minutes (``g_dim=256`` etc. for the paper's). The
                 pooling MLP uses ``f_dim`` and ``dropout`` too.
             film: the relation module's pair term scaled by the question (ours, on by default;
                 ``False`` is the paper's relation network; see
@@ -550,13 +550,13 @@ class HAN(CellReasoner):
         self.unit_cells, self.cell_features = unit_cells, cell_features
         # ReLU: presence = norm needs "absent" to be reachable; a cell with every unit off is.
         self.embed = CellEmbedding(bb.channels, question_dim, embed_dim, fusion)
-        cell_dim = embed_dim + (bb.channels if cell_features else 0)
+        cell_dim = embed_dim + (bb.channels if cell_features else 0) + 2  # + (x, y)
         if reasoning == "relation":
-            self.reasoner = RelationModule(cell_dim + 2, question_dim, self.num_classes, g_dim,
+            self.reasoner = RelationModule(cell_dim, question_dim, self.num_classes, g_dim,
                                            g_layers, f_dim, dropout, film, distance)
         else:
             self.reasoner = nn.Sequential(
-                nn.Linear(cell_dim + 2 + question_dim, f_dim), nn.ReLU(inplace=True),
+                nn.Linear(cell_dim + question_dim, f_dim), nn.ReLU(inplace=True),
                 nn.Linear(f_dim, f_dim), nn.ReLU(inplace=True), nn.Dropout(dropout),
                 nn.Linear(f_dim, self.num_classes))
 
@@ -596,7 +596,7 @@ class RelationNetwork(CellReasoner):
                  film: bool = False, distance: bool = False):
         """Santoro et al.'s RN: every CNN cell with its (x, y) is an object; g over all N^2
         pairs with the question, summed, then f. Args as ``han``'s Relation Network; the
-        defaults are the paper's (``film`` and ``distance`` off, 256 wide x 4).""" 
+        defaults are the paper's (``film`` and ``distance`` off, 256 wide x 4)."""
         super().__init__()
         bb = self._init_vqa(backbone, pretrained, stage, num_classes, class_names, vocab,
                             word_dim, question_dim)
