@@ -48,3 +48,4 @@ class VQAOutput(ModelOutput):
     attention: torch.Tensor  # [B, hops, h, w]
     scores: torch.Tensor | None = None  # [B, h, w] hard attention: presence (embedding L2 norm)
     kept: torch.Tensor | None = None  # [B, h, w] bool, hard attention: cells the reasoning saw
+    glimpse_logits: torch.Tensor | None = None  # [B, K] han's training signal, not its answer

@@ -313,7 +313,7 @@ def test_every_model_runs_forward_backward_with_right_shapes(name, kwargs):
         expected = ((out.kept.flatten(1).sum(1) ** 2).tolist()
                     if kwargs.get("reasoning", "relation") == "relation" else [0] * 4)
     assert pairs == expected
-    F.cross_entropy(out.logits, torch.tensor([0, 1, 2, 0])).backward()
+    model.objective(out, {"label": torch.tensor([0, 1, 2, 0])})["loss"].backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     assert not missing, missing
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
@@ -454,6 +454,85 @@ def test_han_reasons_over_kept_cells_as_direction_features_and_position():
         expected = every.gather(1, rows[..., None].expand(-1, -1, every.shape[-1]))
         assert seen["o"].shape == (4, 7, 64 + 27 * with_features + 2)
         assert torch.allclose(seen["o"], expected, atol=1e-6)
+
+
+def test_han_locate_moves_each_cell_position_within_its_cell():
+    """``locate``: a kept cell's (x, y) is its centre plus ``tanh(L v) / grid``: the centre at
+    initialisation (``L`` is zero), never outside the cell, and the relation module's distance
+    reads it (it is the row's last two entries)."""
+    from protozoo.attention import cell_coordinates
+
+    image, question, lengths = random_batch()
+    model = make("han", g_dim=32, f_dim=32, locate=True).eval()
+    seen = {}
+    model.reasoner.register_forward_pre_hook(lambda m, args: seen.update(o=args[0]))
+    centres = cell_coordinates(5, 5).expand(4, -1, -1)
+    for scale in (0.0, 50.0):
+        with torch.no_grad():
+            torch.nn.init.normal_(model.locate.weight, std=scale)
+            out = model(image, question, lengths)
+        rows = out.scores.flatten(1).topk(7, dim=1).indices  # the kept cells, in input order
+        centre = centres.gather(1, rows[..., None].expand(-1, -1, 2))
+        offset = (seen["o"][..., -2:] - centre).abs()
+        if scale == 0:
+            assert torch.equal(offset, torch.zeros_like(offset))
+        else:
+            assert offset.max() > 0.1 and offset.max() <= 1 / 5 + 1e-6  # half of a 2/5 cell
+
+
+def test_han_glimpse_reads_every_cell_by_softmax_of_presence():
+    """The glimpse is ``head([sum_i softmax(|e|)_i [v_i; x_i; y_i]; q])``, computed by hand."""
+    from protozoo.attention import cell_coordinates
+
+    image, question, lengths = random_batch()
+    model = make("han", g_dim=32, f_dim=32, glimpse=1.0).eval()
+    seen = {}
+    model.embed.register_forward_hook(lambda m, i, o: seen.update(e=o))
+    model.backbone.register_forward_hook(lambda m, i, o: seen.update(v=o))
+    with torch.no_grad():
+        out = model(image, question, lengths)
+        p = torch.softmax(seen["e"].norm(dim=1).flatten(1), dim=1)  # [B, 25]
+        cells = torch.cat([seen["v"].flatten(2).transpose(1, 2),
+                           cell_coordinates(5, 5).expand(4, -1, -1)], dim=2)
+        read = torch.einsum("bn,bnc->bc", p, cells)
+        expected = model.glimpse_head(torch.cat([read, model.encode(question, lengths)], 1))
+    assert torch.allclose(out.glimpse_logits, expected, atol=1e-5)
+
+
+def test_han_glimpse_is_a_training_signal_the_answer_never_reads():
+    """The glimpse's weights do not move the answer; its loss is added to the objective with
+    weight ``glimpse``; and it gives the presence a gradient on every cell, where the answer
+    gives one only on the kept cells (test_han_gradient_is_zero_on_cells_not_kept)."""
+    inputs, labels = random_batch(), torch.tensor([0, 1, 2, 0])
+    model = make("han", g_dim=32, f_dim=32, glimpse=0.5).eval()
+    with torch.no_grad():
+        before = model(*inputs)
+        for param in model.glimpse_head.parameters():
+            param.add_(1.0)
+        after = model(*inputs)
+    assert torch.equal(after.logits, before.logits)
+    assert not torch.allclose(after.glimpse_logits, before.glimpse_logits)
+
+    seen = {}
+
+    def keep(module, args, output):
+        output.retain_grad()
+        seen["emb"] = output
+
+    model.embed.register_forward_hook(keep)
+    out = model(*inputs)
+    terms = model.objective(out, {"label": labels})
+    ce, aux = F.cross_entropy(out.logits, labels), F.cross_entropy(out.glimpse_logits, labels)
+    assert torch.allclose(terms["glimpse"], aux)
+    assert torch.allclose(terms["loss"], ce + 0.5 * aux)
+    aux.backward()
+    grad = seen["emb"].grad.abs().sum(1)  # [B, h, w]
+    assert torch.all(grad[~out.kept] > 0)
+
+    plain = make("han", g_dim=32, f_dim=32, glimpse=0.0)
+    out = plain(*inputs)
+    assert out.glimpse_logits is None and not hasattr(plain, "glimpse_head")
+    assert set(plain.objective(out, {"label": labels})) == {"loss", "cross_entropy"}
 
 
 def test_default_schedule_for_builtin_and_other_data():

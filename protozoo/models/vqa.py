@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
+from .. import losses
 from ..attention import (AttentionHop, RelationModule, Selection, cell_coordinates, cell_norms,
                          resolve_k, select_adaptive, select_all, select_top_k)
 from ..config import Phase, TrainConfig
@@ -372,11 +373,13 @@ class CellSet:
     scores: torch.Tensor | None = None  # [B, N] presence, hard attention only
     variable: bool = False  # counts differ between images (AdaHAN): the module must mask
     every_cell: torch.Tensor | None = None  # [B, N, C] all cells, before any selection
+    glimpse_logits: torch.Tensor | None = None  # [B, K] han's auxiliary answer (training only)
 
     def without_selection(self) -> CellSet:
         """The same cells with every one kept: what a Relation Network over all cells reads."""
         cells = self.every_cell if self.every_cell is not None else self.selection.cells
-        return CellSet(select_all(cells), self.question, self.grid, self.scores, False, cells)
+        return CellSet(select_all(cells), self.question, self.grid, self.scores, False, cells,
+                       self.glimpse_logits)
 
 
 class CellReasoner(VQAModel):
@@ -497,7 +500,8 @@ class HAN(CellReasoner):
                  reasoning: str = "relation", pool: str = "mean", fusion: str = "gate",
                  unit_cells: bool = True, cell_features: bool = True,
                  g_dim: int = 128, g_layers: int = 3, f_dim: int = 128, dropout: float = 0.5,
-                 film: bool = True, distance: bool = True):
+                 film: bool = True, distance: bool = True, glimpse: float = 1.0,
+                 locate: bool = False):
         """
         Args:
             embed_dim: channels of the 1x1-conv cell embeddings (whose norm is the presence).
@@ -535,8 +539,26 @@ class HAN(CellReasoner):
                 ``unit_cells``, 0.49 after 5 -- chance).
             distance: ``g`` also gets the distance between the two cells (ours, on by default;
                 see :class:`~protozoo.attention.RelationModule`).
+            glimpse: weight of an auxiliary loss (ours, 1 by default; 0 is the paper's
+                training): a soft read
+                of *every* cell, weighted by ``softmax(presence)`` (AdaHAN's distribution over
+                the norms), answers the question through a small MLP (:meth:`presence_glimpse`)
+                and its cross-entropy joins the loss. The answer never reads it (it is only in
+                ``VQAOutput.glimpse_logits``), so what the reasoning sees is still the kept
+                cells alone. Why: top-k is not differentiable and ``unit_cells`` pass only
+                directions, so without it the presence scores learn only indirectly (through
+                the conv they share with the kept directions) and the CNN only from 7 cells;
+                the glimpse gives both a gradient on every cell, as SAN's soft attention does.
+                Measured (default ``han``, no glimpse, 45 epochs): the object a non-relational
+                question asks about was touched by a kept cell for 66-73% of the questions
+                (answered 0.92-0.96 when it was, 0.65-0.70 when not); scratch runs of 6,000
+                steps (one thread, cosine): non-relational 0.836 -> 0.959 at step 5,000, the
+                asked object touched by a kept cell 0.96 of the time.
+            locate: each cell's position is its centre plus a learnt offset within the cell,
+                ``c + tanh(L v) / grid`` (``L`` zero-initialised, so it starts at the centre);
+                the relation module's coordinates and ``distance`` use it (ours, experimental).
             The paper's HAN is ``fusion="sum", unit_cells=False, cell_features=False,
-            film=False, distance=False, g_dim=256, g_layers=4, f_dim=256``.
+            film=False, distance=False, glimpse=0, g_dim=256, g_layers=4, f_dim=256``.
         """
         super().__init__()
         if reasoning not in ("relation", "pool"):
@@ -551,6 +573,15 @@ class HAN(CellReasoner):
         # ReLU: presence = norm needs "absent" to be reachable; a cell with every unit off is.
         self.embed = CellEmbedding(bb.channels, question_dim, embed_dim, fusion)
         cell_dim = embed_dim + (bb.channels if cell_features else 0) + 2  # + (x, y)
+        self.glimpse = glimpse
+        self.locate = nn.Conv2d(bb.channels, 2, 1) if locate else None
+        if locate:
+            nn.init.zeros_(self.locate.weight)
+            nn.init.zeros_(self.locate.bias)
+        if glimpse > 0:
+            self.glimpse_head = nn.Sequential(
+                nn.Linear(bb.channels + 2 + question_dim, f_dim), nn.ReLU(inplace=True),
+                nn.Linear(f_dim, self.num_classes))
         if reasoning == "relation":
             self.reasoner = RelationModule(cell_dim, question_dim, self.num_classes, g_dim,
                                            g_layers, f_dim, dropout, film, distance)
@@ -567,14 +598,33 @@ class HAN(CellReasoner):
         features = self.image_features(image, image_index)
         q = self.encode(question, question_length)
         embeddings = self.embed(features, q)
-        scores = cell_norms(embeddings.detach())
+        presence = cell_norms(embeddings)
+        scores = presence.detach()
+        glimpse = self.presence_glimpse(features, presence, q) if self.glimpse > 0 else None
         cells = F.normalize(embeddings, dim=1) if self.unit_cells else embeddings
         if self.cell_features:
             cells = torch.cat([cells, features], dim=1)
-        cells = cells_with_coordinates(cells)
+        if self.locate is None:
+            cells = cells_with_coordinates(cells)
+        else:
+            b, _, h, w = cells.shape
+            half = torch.tensor([1.0 / w, 1.0 / h], device=cells.device)
+            where = cell_coordinates(h, w, cells.device, cells.dtype) + half * torch.tanh(
+                self.locate(features).flatten(2).transpose(1, 2))
+            cells = torch.cat([cells.flatten(2).transpose(1, 2), where], dim=2)
         selection = (select_adaptive(cells, scores) if self.adaptive
                      else select_top_k(cells, scores, self.top_k))
-        return CellSet(selection, q, tuple(embeddings.shape[-2:]), scores, self.adaptive, cells)
+        return CellSet(selection, q, tuple(embeddings.shape[-2:]), scores, self.adaptive, cells,
+                       glimpse)
+
+    def presence_glimpse(self, features: torch.Tensor, presence: torch.Tensor,
+                         question: torch.Tensor) -> torch.Tensor:
+        """The auxiliary answer ``[B, K]`` from a soft read of *every* cell, weighted by
+        ``softmax(presence)`` (AdaHAN's distribution over the norms): ``glimpse_head([sum_i p_i
+        [v_i; x_i; y_i]; q])``. Training signal only (see ``glimpse`` in :class:`HAN`)."""
+        weights = torch.softmax(presence, dim=1)[:, :, None]
+        read = (weights * cells_with_coordinates(features)).sum(1)
+        return self.glimpse_head(torch.cat([read, question], dim=1))
 
     def _output(self, logits: torch.Tensor, cells: CellSet) -> VQAOutput:
         h, w = cells.grid
@@ -582,7 +632,18 @@ class HAN(CellReasoner):
         attention = kept.float() / kept.sum(1, keepdim=True).float()
         b = len(kept)
         return VQAOutput(logits=logits, stride=self.stride, attention=attention.view(b, 1, h, w),
-                         scores=cells.scores.view(b, h, w), kept=kept.view(b, h, w))
+                         scores=cells.scores.view(b, h, w), kept=kept.view(b, h, w),
+                         glimpse_logits=cells.glimpse_logits)
+
+    def objective(self, output: VQAOutput, batch: dict, **weights: float) -> dict:
+        """Cross-entropy of the answer, plus ``glimpse`` x the glimpse's cross-entropy (logged
+        as ``glimpse``) when the model has one."""
+        terms = super().objective(output, batch, **weights)
+        if output.glimpse_logits is not None:
+            aux = losses.cross_entropy(output.glimpse_logits, batch["label"])
+            terms["glimpse"] = aux
+            terms["loss"] = terms["loss"] + self.glimpse * aux
+        return terms
 
 
 @register_model("rn")
