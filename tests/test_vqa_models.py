@@ -456,30 +456,6 @@ def test_han_reasons_over_kept_cells_as_direction_features_and_position():
         assert torch.allclose(seen["o"], expected, atol=1e-6)
 
 
-def test_han_locate_moves_each_cell_position_within_its_cell():
-    """``locate``: a kept cell's (x, y) is its centre plus ``tanh(L v) / grid``: the centre at
-    initialisation (``L`` is zero), never outside the cell, and the relation module's distance
-    reads it (it is the row's last two entries)."""
-    from protozoo.attention import cell_coordinates
-
-    image, question, lengths = random_batch()
-    model = make("han", g_dim=32, f_dim=32, locate=True).eval()
-    seen = {}
-    model.reasoner.register_forward_pre_hook(lambda m, args: seen.update(o=args[0]))
-    centres = cell_coordinates(5, 5).expand(4, -1, -1)
-    for scale in (0.0, 50.0):
-        with torch.no_grad():
-            torch.nn.init.normal_(model.locate.weight, std=scale)
-            out = model(image, question, lengths)
-        rows = out.scores.flatten(1).topk(7, dim=1).indices  # the kept cells, in input order
-        centre = centres.gather(1, rows[..., None].expand(-1, -1, 2))
-        offset = (seen["o"][..., -2:] - centre).abs()
-        if scale == 0:
-            assert torch.equal(offset, torch.zeros_like(offset))
-        else:
-            assert offset.max() > 0.1 and offset.max() <= 1 / 5 + 1e-6  # half of a 2/5 cell
-
-
 def test_han_glimpse_reads_every_cell_by_softmax_of_presence():
     """The glimpse is ``head([sum_i softmax(|e|)_i [v_i; x_i; y_i]; q])``, computed by hand."""
     from protozoo.attention import cell_coordinates

@@ -500,8 +500,7 @@ class HAN(CellReasoner):
                  reasoning: str = "relation", pool: str = "mean", fusion: str = "gate",
                  unit_cells: bool = True, cell_features: bool = True,
                  g_dim: int = 128, g_layers: int = 3, f_dim: int = 128, dropout: float = 0.5,
-                 film: bool = True, distance: bool = True, glimpse: float = 1.0,
-                 locate: bool = False):
+                 film: bool = True, distance: bool = True, glimpse: float = 1.0):
         """
         Args:
             embed_dim: channels of the 1x1-conv cell embeddings (whose norm is the presence).
@@ -554,9 +553,6 @@ class HAN(CellReasoner):
                 (answered 0.92-0.96 when it was, 0.65-0.70 when not); scratch runs of 6,000
                 steps (one thread, cosine): non-relational 0.836 -> 0.959 at step 5,000, the
                 asked object touched by a kept cell 0.96 of the time.
-            locate: each cell's position is its centre plus a learnt offset within the cell,
-                ``c + tanh(L v) / grid`` (``L`` zero-initialised, so it starts at the centre);
-                the relation module's coordinates and ``distance`` use it (ours, experimental).
             The paper's HAN is ``fusion="sum", unit_cells=False, cell_features=False,
             film=False, distance=False, glimpse=0, g_dim=256, g_layers=4, f_dim=256``.
         """
@@ -574,10 +570,6 @@ class HAN(CellReasoner):
         self.embed = CellEmbedding(bb.channels, question_dim, embed_dim, fusion)
         cell_dim = embed_dim + (bb.channels if cell_features else 0) + 2  # + (x, y)
         self.glimpse = glimpse
-        self.locate = nn.Conv2d(bb.channels, 2, 1) if locate else None
-        if locate:
-            nn.init.zeros_(self.locate.weight)
-            nn.init.zeros_(self.locate.bias)
         if glimpse > 0:
             self.glimpse_head = nn.Sequential(
                 nn.Linear(bb.channels + 2 + question_dim, f_dim), nn.ReLU(inplace=True),
@@ -604,14 +596,7 @@ class HAN(CellReasoner):
         cells = F.normalize(embeddings, dim=1) if self.unit_cells else embeddings
         if self.cell_features:
             cells = torch.cat([cells, features], dim=1)
-        if self.locate is None:
-            cells = cells_with_coordinates(cells)
-        else:
-            b, _, h, w = cells.shape
-            half = torch.tensor([1.0 / w, 1.0 / h], device=cells.device)
-            where = cell_coordinates(h, w, cells.device, cells.dtype) + half * torch.tanh(
-                self.locate(features).flatten(2).transpose(1, 2))
-            cells = torch.cat([cells.flatten(2).transpose(1, 2), where], dim=2)
+        cells = cells_with_coordinates(cells)
         selection = (select_adaptive(cells, scores) if self.adaptive
                      else select_top_k(cells, scores, self.top_k))
         return CellSet(selection, q, tuple(embeddings.shape[-2:]), scores, self.adaptive, cells,
