@@ -591,23 +591,24 @@ class HAN(CellReasoner):
         embeddings = self.embed(features, q)
         presence = cell_norms(embeddings)
         scores = presence.detach()
-        glimpse = self.presence_glimpse(features, presence, q) if self.glimpse > 0 else None
-        cells = F.normalize(embeddings, dim=1) if self.unit_cells else embeddings
-        if self.cell_features:
-            cells = torch.cat([cells, features], dim=1)
-        cells = cells_with_coordinates(cells)
+        located = cells_with_coordinates(features)  # [v; x; y] per cell, [B, N, C + 2]
+        glimpse = self.presence_glimpse(located, presence, q) if self.glimpse > 0 else None
+        directions = F.normalize(embeddings, dim=1) if self.unit_cells else embeddings
+        cells = torch.cat([directions.flatten(2).transpose(1, 2),
+                           located if self.cell_features else located[..., -2:]], dim=2)
         selection = (select_adaptive(cells, scores) if self.adaptive
                      else select_top_k(cells, scores, self.top_k))
         return CellSet(selection, q, tuple(embeddings.shape[-2:]), scores, self.adaptive, cells,
                        glimpse)
 
-    def presence_glimpse(self, features: torch.Tensor, presence: torch.Tensor,
+    def presence_glimpse(self, located: torch.Tensor, presence: torch.Tensor,
                          question: torch.Tensor) -> torch.Tensor:
-        """The auxiliary answer ``[B, K]`` from a soft read of *every* cell, weighted by
-        ``softmax(presence)`` (AdaHAN's distribution over the norms): ``glimpse_head([sum_i p_i
-        [v_i; x_i; y_i]; q])``. Training signal only (see ``glimpse`` in :class:`HAN`)."""
+        """The auxiliary answer ``[B, K]`` from a soft read of *every* cell ``located`` (``[B, N,
+        C + 2]``: backbone features and (x, y)), weighted by ``softmax(presence)`` (AdaHAN's
+        distribution over the norms): ``glimpse_head([sum_i p_i [v_i; x_i; y_i]; q])``.
+        Training signal only (see ``glimpse`` in :class:`HAN`)."""
         weights = torch.softmax(presence, dim=1)[:, :, None]
-        read = (weights * cells_with_coordinates(features)).sum(1)
+        read = (weights * located).sum(1)
         return self.glimpse_head(torch.cat([read, question], dim=1))
 
     def _output(self, logits: torch.Tensor, cells: CellSet) -> VQAOutput:
