@@ -490,7 +490,7 @@ class HAN(CellReasoner):
     # 24-26 s an epoch with two threads (g 128 wide x 3 over 49 pairs, batches of 320): 45
     # epochs (~10,000 steps) train in 18.5-19.5 minutes. Measured with the defaults: validation
     # accuracy near the answer prior for ~4 epochs, 0.79 after 7, 0.88-0.90 at the end; test
-    # accuracy non-relational 0.983 / 0.988, relational 0.818 / 0.769 in two runs (README)
+    # accuracy non-relational 0.983-0.993, relational 0.818 / 0.769 / 0.786 in three runs (README)
     builtin_epochs = 45
 
     def __init__(self, backbone: str = "rn_cnn_rgb", num_classes: int | None = None,
