@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import header, protozoo, sync  # noqa: E402
+from common import header, sync  # noqa: E402  (common puts the checkout on sys.path)
 from protozoo.attention import resolve_k
 from protozoo.engine import resolve_device
 from protozoo.models.vqa import time_reasoning
