@@ -24,6 +24,7 @@ from torch import nn
 
 SCORES = ("norm", "channel")
 AGGREGATES = ("max", "mean", "none")
+PAIR_POOLS = ("sum", "sum+max")
 
 
 def resolve_k(k: int | float, n: int) -> int:
@@ -242,6 +243,12 @@ class RelationModule(nn.Module):
     on one CPU thread, the paper's form stayed below 0.66 of the non-relational questions for
     2,800 steps, and with ``film`` answered 0.955 after 1,900.
 
+    ``pair_pool="sum+max"`` (not in the paper) hands ``f`` the elementwise max of ``g`` over the
+    pairs next to the sum. The sum counts (how many objects share a shape) but makes an argmin
+    hard to read off -- "the shape of the object closest to X" needs every pair's distance
+    compared with every other's; a max picks one pair, so ``g`` only has to score each pair by
+    closeness (duplicated objects, an object over two cells, change the sum and not the max).
+
     ``distance=True`` (not in the paper either) gives ``g`` the Euclidean distance between the
     pair's positions -- the objects' last two features, the (x, y) Santoro et al. append -- as one
     more input: ``g(o_i, o_j, q, |p_i - p_j|)``, a weight per unit of ``g``'s first layer, drawn
@@ -253,10 +260,13 @@ class RelationModule(nn.Module):
 
     def __init__(self, object_dim: int, question_dim: int, num_outputs: int, g_dim: int = 256,
                  g_layers: int = 4, f_dim: int = 256, dropout: float = 0.5, film: bool = False,
-                 distance: bool = False):
+                 distance: bool = False, pair_pool: str = "sum"):
         super().__init__()
         if g_layers < 1:
             raise ValueError(f"g_layers must be at least 1, got {g_layers}")
+        if pair_pool not in PAIR_POOLS:
+            raise ValueError(f"pair_pool must be one of {PAIR_POOLS}, got '{pair_pool}'")
+        self.pair_pool = pair_pool
         self.object_dim, self.question_dim = object_dim, question_dim
         self.g_first = nn.Linear(2 * object_dim + question_dim, g_dim)
         self.film = None
@@ -267,7 +277,8 @@ class RelationModule(nn.Module):
         self.distance = nn.Parameter(0.5 * torch.randn(g_dim)) if distance else None
         self.g_rest = nn.Sequential(nn.ReLU(),  # not in place: its input is a view of ``pre``
                                     *_mlp([g_dim] * g_layers, final_relu=True))
-        self.f = nn.Sequential(*_mlp([g_dim, f_dim, f_dim], final_relu=True),
+        pooled = g_dim * (2 if pair_pool == "sum+max" else 1)
+        self.f = nn.Sequential(*_mlp([pooled, f_dim, f_dim], final_relu=True),
                                nn.Dropout(dropout), nn.Linear(f_dim, num_outputs))
 
     def relations(self, objects: torch.Tensor, question: torch.Tensor,
@@ -278,22 +289,31 @@ class RelationModule(nn.Module):
         first = objects @ w[:, :d].t()  # [B, N, H], o_i's share (first in the pair)
         second = objects @ w[:, d:2 * d].t()  # o_j's share
         common = F.linear(question, w[:, 2 * d:], self.g_first.bias)  # [B, H]
-        pair_term = first.unsqueeze(2) + second.unsqueeze(1)  # [B, N, N, H]
+        # Everything that is per object (the FiLM gain, the question's term) is applied before
+        # the broadcast over pairs, so the [B, N, N, H] tensor is touched by one add (and one
+        # fused multiply-add for the distance): (a_i + b_j) * s + c = (a_i s + c) + (b_j s).
+        # Same function; forward + backward of han's module (320 questions x 7 cells, g 128 x 3,
+        # film and distance) on 2 CPU threads: 42 -> 37 ms (measured).
         if self.film is not None:
-            pair_term = pair_term * (1 + self.film(question))[:, None, None]
-        pre = pair_term + common[:, None, None]
+            gain = (1 + self.film(question)).unsqueeze(1)  # [B, 1, H]
+            first, second = first * gain, second * gain
+        first = first + common.unsqueeze(1)
+        pre = first.unsqueeze(2) + second.unsqueeze(1)  # [B, N, N, H]
         if self.distance is not None:
             xy = objects[..., -2:]
             gap = (xy.unsqueeze(2) - xy.unsqueeze(1)).norm(dim=-1, keepdim=True)  # [B, N, N, 1]
-            pre = pre + gap * self.distance
+            pre = torch.addcmul(pre, gap, self.distance)
         # g on a 2-D [pairs, H] matrix: on the 4-D tensor every Linear's output is a view, and
         # in-place ReLUs on views cost a CopySlices each in the backward (measured: han's
         # training step on 2 CPU threads, 0.101 s with them, 0.088 s without)
         g = self.g_rest(pre.flatten(0, 2)).view(pre.shape[:3] + (-1,))
         if valid is not None:
             pairs = (valid.unsqueeze(2) & valid.unsqueeze(1)).unsqueeze(-1)
-            g = g * pairs.to(g.dtype)
-        return g.sum(dim=(1, 2))
+            g = g * pairs.to(g.dtype)  # g >= 0 (it ends in a ReLU): 0 is neutral for max too
+        total = g.sum(dim=(1, 2))
+        if self.pair_pool == "sum":
+            return total
+        return torch.cat([total, g.amax(dim=(1, 2))], dim=1)
 
     def forward(self, objects: torch.Tensor, question: torch.Tensor,
                 valid: torch.Tensor | None = None) -> torch.Tensor:

@@ -265,6 +265,27 @@ def test_relation_module_distance_is_one_more_input_of_g():
     assert torch.allclose(rn(objects, question), plain(objects, question), atol=1e-6)
 
 
+def test_relation_module_sum_and_max_over_pairs():
+    """``pair_pool="sum+max"``: f reads ``[sum_ij g_ij ; max_ij g_ij]`` (elementwise max),
+    checked against pairwise loops; with a mask, the max (like the sum) ignores the padding."""
+    torch.manual_seed(0)
+    rn = RelationModule(object_dim=3, question_dim=2, num_outputs=4, g_dim=8, f_dim=8,
+                        pair_pool="sum+max").eval()
+    objects, question = torch.randn(2, 5, 3), torch.randn(2, 2)
+    for b in range(2):
+        g = torch.stack([rn.g_rest(rn.g_first(torch.cat([objects[b, i], objects[b, j],
+                                                          question[b]])))
+                         for i in range(5) for j in range(5)])
+        pooled = torch.cat([g.sum(0), g.amax(0)])
+        assert torch.allclose(rn.relations(objects, question)[b], pooled, atol=1e-5)
+        assert torch.allclose(rn(objects, question)[b], rn.f(pooled[None])[0], atol=1e-5)
+    valid = torch.tensor([[True, False, True, True, False], [True] * 5])
+    alone = rn.relations(objects[:1, valid[0]], question[:1])
+    assert torch.allclose(rn.relations(objects, question, valid)[0], alone[0], atol=1e-5)
+    with pytest.raises(ValueError, match="pair_pool"):
+        RelationModule(3, 2, 4, pair_pool="mean")
+
+
 # ----------------------------------------------------------------------------- backbone
 
 def test_rn_cnn_is_santoros_cnn():

@@ -500,7 +500,8 @@ class HAN(CellReasoner):
                  reasoning: str = "relation", pool: str = "mean", fusion: str = "gate",
                  unit_cells: bool = True, cell_features: bool = True,
                  g_dim: int = 128, g_layers: int = 3, f_dim: int = 128, dropout: float = 0.5,
-                 film: bool = True, distance: bool = True, glimpse: float = 1.0):
+                 film: bool = True, distance: bool = True, glimpse: float = 1.0,
+                 pair_pool: str = "sum"):
         """
         Args:
             embed_dim: channels of the 1x1-conv cell embeddings (whose norm is the presence).
@@ -575,7 +576,7 @@ class HAN(CellReasoner):
                 nn.Linear(f_dim, self.num_classes))
         if reasoning == "relation":
             self.reasoner = RelationModule(cell_dim, question_dim, self.num_classes, g_dim,
-                                           g_layers, f_dim, dropout, film, distance)
+                                           g_layers, f_dim, dropout, film, distance, pair_pool)
         else:
             self.reasoner = nn.Sequential(
                 nn.Linear(cell_dim + question_dim, f_dim), nn.ReLU(inplace=True),
