@@ -487,8 +487,9 @@ class CellEmbedding(nn.Module):
 
 @register_model("han")
 class HAN(CellReasoner):
-    # 24-26 s an epoch with two threads (g 128 wide x 3 over 49 pairs, batches of 320): 45
-    # epochs (~10,000 steps) train in 18.5-19.5 minutes. Measured with the defaults: validation
+    # 24-31 s an epoch with two threads (g 128 wide x 3 over 49 pairs, batches of 320; the same
+    # code's speed moves by a quarter from day to day on these machines): 45 epochs (~10,000
+    # steps) train in 18.5-21.5 minutes. Measured with the defaults: validation
     # accuracy near the answer prior for ~4 epochs, 0.79 after 7, 0.88-0.90 at the end; test
     # accuracy non-relational 0.983-0.993, relational 0.818 / 0.769 / 0.786 in three runs (README)
     builtin_epochs = 45
@@ -529,7 +530,7 @@ class HAN(CellReasoner):
                 at 6,000 (one CPU thread, constant lr 1e-3; measured).
             g_dim, g_layers, f_dim, dropout: the Relation Network. Santoro et al.'s is 256, 4,
                 256, 0.5; ours defaults to 128, 3, 128, 0.5, about 3x faster a step, so that
-                45 epochs fit in 19-20 CPU minutes (``g_dim=256`` etc. for the paper's). The
+                45 epochs train in 19-22 CPU minutes (``g_dim=256`` etc. for the paper's). The
                 pooling MLP uses ``f_dim`` and ``dropout`` too.
             film: the relation module's pair term scaled by the question (ours, on by default;
                 ``False`` is the paper's relation network; see
