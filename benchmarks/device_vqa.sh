@@ -9,18 +9,19 @@
 #   bash benchmarks/device_vqa.sh OUT --smoke        # the same steps, tiny, on a CPU (1.6 min on 2 shared cores)
 #
 # Runs from a checkout with no install (PYTHONPATH=.): the GPU image already has every package
-# protozoo needs. Each training is time-boxed (TRAIN_SECONDS, default 360) and saves the model every
-# epoch, so a run cut short is still scored, from its last finished epoch; its log.jsonl says how
-# many epochs that was. What comes back in OUT: each run's metrics.json and log.jsonl, the
+# protozoo needs. Each training is time-boxed (TRAIN_SECONDS, default 300, which leaves the data
+# generation and the scoring room inside the 10 minutes) and saves the model every epoch, so a run
+# cut short is still scored, from its last finished epoch; its log.jsonl says how many epochs
+# that was. What comes back in OUT: each run's metrics.json and log.jsonl, the
 # data-generation time and the console output (`log.txt`).
 set -uo pipefail
 out=${1:?usage: bash benchmarks/device_vqa.sh OUT [--smoke]}
-mkdir -p "$out"
+out=$(mkdir -p "$out" && cd "$out" && pwd) || exit 1
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 export PROTOZOO_CACHE=${PROTOZOO_CACHE:-/tmp/protozoo-cache}
 runs=${RUNS_DIR:-/tmp/protozoo-device-runs}
-seconds=${TRAIN_SECONDS:-360}
+seconds=${TRAIN_SECONDS:-300}
 
 if [[ ${2:-} == --smoke ]]; then
   n_train=60; n_test=20
