@@ -76,13 +76,20 @@ def evaluate_run(run_dir, model=None, data=None, device="auto", report: bool = T
     if data is None:
         data = build_eval_data(cfg, model)
     # a zero-shot head (NIWT) classifies over more classes than its data trains on
-    trained_on = len(getattr(model, "data_class_names", model.class_names))
-    if len(data.class_names) != trained_on:
-        raise UserError(f"the model has {trained_on} classes but dataset '{cfg.dataset}' "
+    trained_on = list(getattr(model, "data_class_names", model.class_names))
+    if len(data.class_names) != len(trained_on):
+        raise UserError(f"the model has {len(trained_on)} classes but dataset '{cfg.dataset}' "
                         f"has {len(data.class_names)}; evaluate on the data it was trained on")
+    differ = [i for i, (a, b) in enumerate(zip(trained_on, data.class_names)) if a != b]
+    if differ:
+        i = differ[0]
+        raise UserError(f"class {i} is '{trained_on[i]}' in the model but '{data.class_names[i]}' "
+                        f"in dataset '{cfg.dataset}' ({len(differ)} of {len(trained_on)} "
+                        "differ): its labels would be scored against the wrong classes; "
+                        "evaluate on the data it was trained on")
     model.to(device)
     metrics = test_metrics(model, data.test, cfg.batch_size, device, cfg.amp)
-    metrics.update(model.dataset_metrics(data))
+    metrics.update(model.dataset_metrics(data, cfg.amp))
     atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
     if report:
         from .render.reports import write_report

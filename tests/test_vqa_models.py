@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.data import Subset
 
 import protozoo
 from protozoo.attention import (AttentionHop, RelationModule, TopKPool, adaptive_kept,
-                                resolve_k, select_adaptive, tanh_score_cap)
+                                cell_coordinates, resolve_k, select_adaptive, tanh_score_cap)
+from protozoo.data.sort_of_clevr import perturbed_dataset
 from protozoo.backbones import Geometry, create_backbone
 from protozoo.errors import DataError, UserError
 from protozoo.models.vqa import (CellEmbedding, attention_metrics, cell_coverage,
                                  time_reasoning)
+from protozoo.probes import predictions
 
 VOCAB = ["<pad>", "<unk>", "bottom", "cell", "colour", "left", "of", "right", "top", "what"]
 ANSWERS = ["blue", "green", "red"]
@@ -616,13 +620,22 @@ def test_bad_inputs_are_one_line_user_errors():
     image, question, lengths = random_batch()
     cases = [((image, question + 100, lengths), "outside this model's vocabulary"),
              ((image, question, torch.zeros_like(lengths)), "question lengths must lie in"),
-             ((image, question[0], lengths), "token ids [B, L]")]
+             ((image, question[0], lengths), "token ids [B, L]"),
+             ((image[:3], question, lengths), "3 images for 4 questions"),
+             ((image[:, :1], question, lengths), "expected 3-channel images, got 1"),
+             ((image[:2], question, lengths, torch.tensor([0, 1, 2, 1])),
+              "image_index 2 names no image: there are 2"),
+             ((image[:2], question, lengths, torch.tensor([0.0, 1.0, 0.0, 1.0])),
+              "image_index must be 4 integers")]
     for args, text in cases:
         with pytest.raises(UserError) as info:
             model(*args)
         assert text in str(info.value) and "\n" not in str(info.value)
     with pytest.raises(DataError, match="unknown word 'purple'"):
         model.encode_question(["what colour purple"])
+    # one question as a bare string is one question, not one per character
+    ids, lengths = model.encode_question("what cell")
+    assert ids.tolist() == [[VOCAB.index("what"), VOCAB.index("cell")]] and lengths.tolist() == [2]
     with pytest.raises(UserError, match="'han' or 'rn'"):
         time_reasoning(model, image, question, lengths)
 
@@ -638,15 +651,20 @@ def test_time_reasoning_times_the_relation_module():
 # ----------------------------------------------------------------------------- metrics
 
 def test_cell_coverage_by_area():
+    """Cells are the 15 px tiles of a 75 px image on a 5x5 grid: the tiles the cell colour,
+    the cells' (x, y) and the report's overlay use."""
     masks = torch.zeros(1, 1, 75, 75)
-    masks[0, 0, :16, :16] = 1  # exactly cell (0, 0)
-    masks[0, 0, 16:24, 16:24] = 1  # a quarter of cell (1, 1)
-    cov = cell_coverage(masks, (5, 5), 16)
+    masks[0, 0, :15, :15] = 1  # exactly cell (0, 0)
+    masks[0, 0, 15:20, 30:45] = 1  # a third of cell (1, 2)
+    masks[0, 0, 74, 74] = 1  # one pixel of the last cell
+    cov = cell_coverage(masks, (5, 5))
     expected = torch.zeros(5, 5)
-    expected[0, 0], expected[1, 1] = 1.0, 0.25
+    expected[0, 0], expected[1, 2], expected[4, 4] = 1.0, 1 / 3, 1 / 225
     assert torch.allclose(cov[0], expected)
-    full = cell_coverage(torch.ones(1, 1, 75, 75), (5, 5), 16)
-    assert full[0, 4, 4].item() == pytest.approx(11 * 11 / 256)  # the grid passes the image
+    assert torch.equal(cell_coverage(torch.ones(1, 1, 75, 75), (5, 5)), torch.ones(1, 5, 5))
+    # the centre of every covered cell is where cell_coordinates puts it
+    xy = cell_coordinates(5, 5)
+    assert xy[1 * 5 + 2].tolist() == pytest.approx([(37.5 / 75) * 2 - 1, (22.5 / 75) * 2 - 1])
 
 
 def test_attention_metrics_by_hand():
@@ -677,7 +695,9 @@ def test_explanation_metrics_per_question_type_and_mask():
     m = model.explanation_metrics(out, batch)
     assert m["accuracy_non_relational"].tolist() == [1.0, 0.0, 0.0]
     assert m["accuracy_relational"].tolist() == [1.0]
-    assert torch.allclose(m["attention_mass_on_objects"], m["attention_mass_uniform"], atol=0.2)
+    # every cell is covered, so the mass on objects is the attention's whole mass: 1
+    assert m["attention_mass_on_objects"].tolist() == pytest.approx([1.0] * 4)
+    assert m["attention_mass_uniform"].tolist() == pytest.approx([1.0] * 4)
     assert m["cells_kept_fraction"].tolist() == pytest.approx([7 / 25] * 4)
     assert m["reasoning_pairs"].tolist() == [49.0] * 4
     no_mask = model.explanation_metrics(out, {"label": labels,
@@ -800,7 +820,14 @@ def test_consistency_of_a_model_blind_to_the_image_is_one(tiny_sort_of_clevr):
     model.eval()
     metrics = model.dataset_metrics(data)
     assert metrics["consistency"] == 1.0 and metrics["perturbed_questions"] >= 40
-    assert 0 <= metrics["perturbed_accuracy"] <= 1
+    # answers unchanged and every perturbation keeps the answer: the perturbed accuracy is the
+    # model's accuracy on the questions that were perturbed
+    perturbed = perturbed_dataset(data.test, seed=0, per_question=1,
+                                  limit=model.consistency_questions)
+    before = predictions(model, Subset(data.test, perturbed.source_indices.tolist()), 64,
+                         torch.device("cpu"))
+    expected = float((before == np.asarray(perturbed.labels)).mean())
+    assert metrics["perturbed_accuracy"] == pytest.approx(expected)
 
 
 def test_han_reports_its_reasoning_step_against_all_cells(tiny_sort_of_clevr):
@@ -810,8 +837,7 @@ def test_han_reports_its_reasoning_step_against_all_cells(tiny_sort_of_clevr):
                                   **data.extras["model_kwargs"])
     metrics = model.dataset_metrics(data)
     assert {"consistency", "reasoning_step_ms", "reasoning_step_all_cells_ms"} <= set(metrics)
-    assert metrics["reasoning_speedup"] == pytest.approx(
-        metrics["reasoning_step_all_cells_ms"] / metrics["reasoning_step_ms"])
+    assert 0 < metrics["reasoning_step_ms"] < metrics["reasoning_step_all_cells_ms"]
     assert metrics["reasoning_speedup"] > 2  # 49 pairs against 625
 
 
@@ -842,3 +868,19 @@ def test_vqa_families_train_on_batches_of_whole_scenes():
 
     assert [model_batch_size(n) for n in ("san", "han", "cnn_lstm", "rn")] == [320] * 4
     assert model_batch_size("protopnet") == model_batch_size("cam") == 64
+
+
+def test_evaluating_with_answers_in_another_order_is_a_user_error(tiny_sort_of_clevr, tmp_path):
+    """Same number of answers is not enough: a checkpoint whose answer list differs from the
+    data's would be scored against the wrong labels, so evaluation stops and names the first."""
+    from protozoo.evaluation import evaluate_run
+
+    data = tiny_sort_of_clevr
+    names = list(reversed(data.class_names))
+    model = protozoo.create_model("cnn_lstm", class_names=names, **data.extras["model_kwargs"])
+    with pytest.raises(UserError) as info:
+        evaluate_run(tmp_path / "run", model=model, data=data,
+                     overrides={"dataset": "sort-of-clevr"})
+    message = str(info.value)
+    assert f"class 0 is '{names[0]}' in the model but '{data.class_names[0]}'" in message
+    assert "\n" not in message and not (tmp_path / "run" / "metrics.json").exists()

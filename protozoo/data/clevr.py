@@ -447,8 +447,8 @@ def sort_of_clevr_loader(a: dict):
     root = soc.ensure_sort_of_clevr(
         a["cache_dir"] if a.get("cache_dir") is not None else soc.default_cache_dir(),
         image_size=a["image_size"], seed=SORT_OF_CLEVR_DATA_SEED,
-        num_train=a.get("num_train") or SORT_OF_CLEVR_DEFAULTS["num_train"],
-        num_test=a.get("num_test") or SORT_OF_CLEVR_DEFAULTS["num_test"])
+        **{key: a[key] if a.get(key) is not None else SORT_OF_CLEVR_DEFAULTS[key]
+           for key in ("num_train", "num_test")})
     train, test, extras = load_vqa(root, image_size=a["image_size"], mean=a["mean"],
                                    std=a["std"], vocab=a.get("vocab"), answers=soc.ANSWERS)
     extras["meta"] = soc.read_meta(root)

@@ -91,9 +91,10 @@ class ZooModel(nn.Module):
         one batch, as ``{name: tensor [B]}``; evaluation averages them over the test split."""
         return {}
 
-    def dataset_metrics(self, data) -> dict[str, float]:
+    def dataset_metrics(self, data, amp: str = "auto") -> dict[str, float]:
         """Metrics of the model as a whole against ground truth in ``data`` (e.g. ProtoPNet's
-        ``prototype_purity`` over the push set); evaluation adds them to ``metrics.json``."""
+        ``prototype_purity`` over the push set); evaluation adds them to ``metrics.json``.
+        ``amp``: the precision of any inference they run (``--amp``, as for the test metrics)."""
         return {}
 
     def logits_view(self) -> nn.Module:

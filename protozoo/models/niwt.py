@@ -344,9 +344,10 @@ class NIWT(ZooModel):
                             "--base RUN (or model.fit(data)) first")
 
     # ---------------------------------------------------------------- evaluation
-    def dataset_metrics(self, data) -> dict[str, float]:
+    def dataset_metrics(self, data, amp: str = "auto") -> dict[str, float]:
         """GZSL metrics of NIWT and both baselines, and how often explanations name attributes
-        the class has (see :func:`protozoo.models.niwt_fit.zero_shot_metrics`)."""
+        the class has (see :func:`protozoo.models.niwt_fit.zero_shot_metrics`). They always run
+        in full precision (``amp`` is not used): the fitted heads are compared on fp32 features."""
         from .niwt_fit import zero_shot_metrics
 
         if "zero_shot" not in getattr(data, "extras", {}):

@@ -167,7 +167,8 @@ class ProtoPNet(ZooModel):
 
         return {"push": push_action, "prune": prune_action}
 
-    def dataset_metrics(self, data) -> dict[str, float]:
+    def dataset_metrics(self, data, amp: str = "auto") -> dict[str, float]:
+        # reads the prototypes' push metadata: no inference, so ``amp`` has nothing to set
         from ..metrics import prototype_purity
 
         if not data.has_masks or not self.metadata.get("prototypes"):

@@ -21,7 +21,6 @@ carries it and a loaded model can tokenise new questions (:meth:`VQAModel.encode
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
@@ -88,16 +87,15 @@ def cells_with_coordinates(features: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- metrics
 
-def cell_coverage(masks: torch.Tensor, grid: tuple[int, int], stride: int) -> torch.Tensor:
-    """Fraction of every feature cell covered by ``masks`` ``[B, 1, H, W]`` -> ``[B, h, w]``.
+def cell_coverage(masks: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Fraction of every cell of the ``grid`` covered by ``masks`` ``[B, 1, H, W]`` -> ``[B, h,
+    w]``.
 
-    Area averaging over each cell's ``stride x stride`` footprint; where the grid reaches past
-    the image (75 px = 4.7 cells of 16 px), the part outside counts as uncovered."""
-    h, w = grid
-    height, width = masks.shape[-2:]
-    pad_h, pad_w = max(h * stride - height, 0), max(w * stride - width, 0)
-    masks = F.pad(masks.float(), (0, pad_w, 0, pad_h))
-    return F.adaptive_avg_pool2d(masks, (h, w))[:, 0]
+    The cells are the image split evenly into ``h x w`` tiles (``adaptive_avg_pool2d``: 15 px
+    tiles for 75 px on a 5x5 grid) -- the cells the models' (x, y) (:func:`cell_coordinates`)
+    and the cell colour of ``rn_cnn_rgb`` describe and the report draws, so a metric scores the
+    same pixels the overlay shows."""
+    return F.adaptive_avg_pool2d(masks.float(), grid)[:, 0]
 
 
 def attention_metrics(attention: torch.Tensor, coverage: torch.Tensor,
@@ -169,18 +167,44 @@ class VQAModel(ZooModel):
         return image[first.to(image.device)], batch["question"], batch["question_length"], \
             index.to(image.device)
 
-    def image_features(self, image: torch.Tensor, image_index: torch.Tensor | None):
+    def image_features(self, image: torch.Tensor, image_index: torch.Tensor | None,
+                       question: torch.Tensor):
         """The backbone's map of every question's image ``[B, C, h, w]``: each distinct image
-        runs through the CNN once, then ``image_index`` gathers it for its questions."""
+        runs through the CNN once, then ``image_index`` gathers it for its questions. Checks
+        the images against the questions first (one-line errors; a malformed ``question`` is
+        reported by :meth:`encode`)."""
+        self.backbone.check_input(image)
+        if question.ndim == 2:
+            self._check_image_index(len(image), image_index, len(question))
         features = self.backbone(image)
         return features if image_index is None else features[image_index]
 
-    def encode_question(self, texts: list[str], unknown: str = "error"):
-        """Token ids ``[N, L]`` (int64, padded with 0) and lengths ``[N]`` of ``texts`` in this
-        model's vocabulary; ``unknown="unk"`` maps unknown words to ``<unk>`` instead of raising."""
+    @staticmethod
+    def _check_image_index(images: int, image_index, questions: int) -> None:
+        if image_index is None:
+            if images != questions:
+                raise UserError(f"{images} images for {questions} questions: give one image per "
+                                "question, or the distinct images with image_index [questions] "
+                                "naming each question's image")
+            return
+        index = torch.as_tensor(image_index)
+        if index.shape != (questions,) or index.dtype.is_floating_point \
+                or index.dtype == torch.bool:
+            raise UserError(f"image_index must be {questions} integers (one per question), got "
+                            f"{index.dtype} of shape {tuple(index.shape)}")
+        lo, hi = (int(v) for v in torch.aminmax(index)) if questions else (0, 0)
+        if lo < 0 or hi >= images:
+            raise UserError(f"image_index {lo if lo < 0 else hi} names no image: there are "
+                            f"{images}, so it must lie in [0, {images - 1}]")
+
+    def encode_question(self, texts: str | list[str], unknown: str = "error"):
+        """Token ids ``[N, L]`` (int64, padded with 0) and lengths ``[N]`` of ``texts`` (a list
+        of questions, or one question) in this model's vocabulary; ``unknown="unk"`` maps
+        unknown words to ``<unk>`` instead of raising."""
         from ..data.text import Vocabulary
 
-        ids, lengths, _ = Vocabulary(self.vocab).encode_many(list(texts), unknown)
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        ids, lengths, _ = Vocabulary(self.vocab).encode_many(texts, unknown)
         return torch.from_numpy(ids).long(), torch.from_numpy(lengths).long()
 
     def encode(self, question: torch.Tensor, question_length: torch.Tensor) -> torch.Tensor:
@@ -246,7 +270,7 @@ class VQAModel(ZooModel):
                     out[name] = correct[subset]
         if "mask" in batch:
             attention = output.attention[:, -1]
-            coverage = cell_coverage(batch["mask"], tuple(attention.shape[-2:]), output.stride)
+            coverage = cell_coverage(batch["mask"], tuple(attention.shape[-2:]))
             out.update(attention_metrics(attention, coverage, output.scores))
         out.update(self._cost_metrics(output))
         return out
@@ -256,15 +280,17 @@ class VQAModel(ZooModel):
 
     consistency_questions = 1000  # test questions perturbed for the behavioural test
 
-    def dataset_metrics(self, data) -> dict[str, float]:
-        """The behavioural test (:func:`protozoo.probes.consistency`) on data whose scenes can
-        be re-rendered (Sort-of-CLEVR): ``consistency``, ``perturbed_accuracy``."""
+    def dataset_metrics(self, data, amp: str = "auto") -> dict[str, float]:
+        """The behavioural test (:func:`protozoo.probes.consistency`, at precision ``amp``) on
+        data whose scenes can be re-rendered (Sort-of-CLEVR): ``consistency``,
+        ``perturbed_accuracy``."""
         from ..probes import can_perturb, consistency
 
         if not can_perturb(data.test):
             return {}
         device = next(self.parameters()).device
-        return consistency(self, data.test, device=device, limit=self.consistency_questions)
+        return consistency(self, data.test, device=device, limit=self.consistency_questions,
+                           amp=amp)
 
 
 def uniform_attention(b: int, h: int, w: int, like: torch.Tensor) -> torch.Tensor:
@@ -310,7 +336,7 @@ class SAN(VQAModel):
     def forward(self, image: torch.Tensor, question: torch.Tensor,
                 question_length: torch.Tensor, image_index: torch.Tensor | None = None
                 ) -> VQAOutput:
-        features = self.image_features(image, image_index)
+        features = self.image_features(image, image_index, question)
         b, _, h, w = features.shape
         cells = (cells_with_coordinates(features) if self.coordinates
                  else features.flatten(2).transpose(1, 2))
@@ -353,7 +379,7 @@ class CNNLSTM(VQAModel):
     def forward(self, image: torch.Tensor, question: torch.Tensor,
                 question_length: torch.Tensor, image_index: torch.Tensor | None = None
                 ) -> VQAOutput:
-        features = self.image_features(image, image_index)
+        features = self.image_features(image, image_index, question)
         b, _, h, w = features.shape
         q = self.encode(question, question_length)
         logits = self.mlp(torch.cat([self.pool(features).flatten(1), q], dim=1))
@@ -418,8 +444,8 @@ class CellReasoner(VQAModel):
             return torch.full((b,), (h * w) ** 2, dtype=torch.long, device=output.logits.device)
         return output.kept.flatten(1).sum(1).long() ** 2
 
-    def dataset_metrics(self, data) -> dict[str, float]:
-        """Adds the reasoning step's time on one test batch of 64 (inference, median of 10):
+    def dataset_metrics(self, data, amp: str = "auto") -> dict[str, float]:
+        """Adds the reasoning step's time on one test batch of 64 (inference, median of 10 calls):
         on the cells this model reasons over (``reasoning_step_ms``) and, same module and
         weights, on every cell (``reasoning_step_all_cells_ms``, a full Relation Network's
         step), and their ratio ``reasoning_speedup``."""
@@ -427,7 +453,7 @@ class CellReasoner(VQAModel):
 
         from ..engine import to_device
 
-        out = super().dataset_metrics(data)
+        out = super().dataset_metrics(data, amp)
         device = next(self.parameters()).device
         batch = to_device(next(iter(DataLoader(data.test, batch_size=64))), device)
         inputs = self.inputs(batch)
@@ -597,7 +623,7 @@ class HAN(CellReasoner):
         """Question-conditioned 1x1-conv embeddings (:class:`CellEmbedding`) -> presence = L2
         norm -> keep the top-k (or AdaHAN's) cells. The selection is not differentiable (scores
         are detached): the kept cells' embeddings carry every gradient, as in the paper."""
-        features = self.image_features(image, image_index)
+        features = self.image_features(image, image_index, question)
         q = self.encode(question, question_length)
         embeddings = self.embed(features, q)
         presence = cell_norms(embeddings)
@@ -661,7 +687,7 @@ class RelationNetwork(CellReasoner):
                                        g_layers, f_dim, dropout, film, distance)
 
     def cells(self, image, question, question_length, image_index=None) -> CellSet:
-        features = self.image_features(image, image_index)
+        features = self.image_features(image, image_index, question)
         q = self.encode(question, question_length)
         cells = cells_with_coordinates(features)
         return CellSet(select_all(cells), q, tuple(features.shape[-2:]), every_cell=cells)
@@ -675,11 +701,14 @@ class RelationNetwork(CellReasoner):
 def time_reasoning(model: CellReasoner, image: torch.Tensor, question: torch.Tensor,
                    question_length: torch.Tensor, image_index: torch.Tensor | None = None,
                    repeats: int = 10, all_cells: bool = False) -> float:
-    """Seconds per call of the reasoning step alone (inference, no gradients) on one batch.
+    """Median seconds of one call of the reasoning step alone (inference, no gradients) on
+    one batch, over ``repeats`` timed calls after warm-up (:func:`protozoo.probes.time_call`).
 
     The cells are computed once; only ``model.reason`` is timed. ``all_cells=True`` times the
     same module (same widths, same weights) on every cell of the grid instead of the kept ones:
     the full Relation Network's step, which hard attention is measured against."""
+    from ..probes import time_call
+
     if not isinstance(model, CellReasoner):
         raise UserError(f"time_reasoning needs a 'han' or 'rn' model, got {type(model).__name__}")
     was_training = model.training
@@ -689,17 +718,6 @@ def time_reasoning(model: CellReasoner, image: torch.Tensor, question: torch.Ten
             cells = model.cells(image, question, question_length, image_index)
             if all_cells:
                 cells = cells.without_selection()
-            model.reason(cells)  # warm-up (allocations, kernel selection)
-            _sync(image.device)
-            started = time.perf_counter()
-            for _ in range(repeats):
-                model.reason(cells)
-            _sync(image.device)
-            return (time.perf_counter() - started) / repeats
+            return time_call(lambda: model.reason(cells), repeats=repeats)
     finally:
         model.train(was_training)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
