@@ -517,7 +517,8 @@ class HAN(CellReasoner):
     # code's speed moves by a quarter from day to day on these machines): 45 epochs (~10,000
     # steps) train in 18.5-21.5 minutes. Measured with the defaults: validation
     # accuracy near the answer prior for ~4 epochs, 0.79 after 7, 0.88-0.90 at the end; test
-    # accuracy non-relational 0.983-0.993, relational 0.818 / 0.769 / 0.786 in three runs (README)
+    # accuracy non-relational 0.983-0.995, relational 0.818 / 0.769 / 0.786 / 0.755 in four runs
+    # (README)
     builtin_epochs = 45
 
     def __init__(self, backbone: str = "rn_cnn_rgb", num_classes: int | None = None,
