@@ -78,6 +78,7 @@ class Backbone(nn.Module):
         return self.geometry.receptive_field
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)  # a wrong batch is a one-line UserError, not a conv traceback
         return _features(self.body, x)
 
     def check_input(self, x: torch.Tensor) -> None:

@@ -96,6 +96,21 @@ def test_check_input_errors_are_one_line_user_errors():
         assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("name", ["cam", "protopnet"])
+def test_a_model_called_on_a_wrong_batch_says_so_in_one_line(name):
+    """The models run the backbone's check on every call, so the Python API gets the same
+    one-line errors as train.py instead of a conv layer's traceback."""
+    model = protozoo.create_model(name, backbone="tiny_cnn", num_classes=3)
+    model.eval()
+    with torch.no_grad():
+        model(torch.zeros(1, 3, 32, 32))  # a valid batch goes through
+    for x, text in [(torch.zeros(1, 1, 32, 32), "3-channel images, got 1 channels"),
+                    (torch.zeros(3, 32, 32), "add a batch dimension")]:
+        with pytest.raises(UserError) as info:
+            model(x)
+        assert text in str(info.value) and "\n" not in str(info.value)
+
+
 def test_pretrained_true_offline_is_user_error(monkeypatch):
     import timm
 

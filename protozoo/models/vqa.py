@@ -171,9 +171,8 @@ class VQAModel(ZooModel):
                        question: torch.Tensor):
         """The backbone's map of every question's image ``[B, C, h, w]``: each distinct image
         runs through the CNN once, then ``image_index`` gathers it for its questions. Checks
-        the images against the questions first (one-line errors; a malformed ``question`` is
-        reported by :meth:`encode`)."""
-        self.backbone.check_input(image)
+        the images against the questions first (one-line errors; the backbone checks the images
+        themselves, :meth:`encode` a malformed ``question``)."""
         if question.ndim == 2:
             self._check_image_index(len(image), image_index, len(question))
         features = self.backbone(image)
