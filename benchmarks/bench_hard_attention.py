@@ -5,7 +5,7 @@ warm-up, reported as medians:
 
 * ``reasoning``  -- the relation module alone, inference (``no_grad``, eval mode): ``han``'s module
                     on its kept cells against the *same module and weights* on every cell
-                    (:func:`protozoo.models.vqa.time_reasoning`), the cost the paper's "fewer
+                    (:func:`protozoo.models.hard_attention.time_reasoning`), the cost the paper's "fewer
                     pairs" argument is about;
 * ``train step`` -- the full step the engine runs (forward, ``model.objective``, backward,
                     ``Adam.step``) of ``han`` against ``rn`` built with the same backbone and the
@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import header, sync  # noqa: E402  (common puts the checkout on sys.path)
 from protozoo.attention import resolve_k
 from protozoo.engine import resolve_device
-from protozoo.models.vqa import time_reasoning
+from protozoo.models.hard_attention import time_reasoning
 from protozoo.registry import create_model
 
 TARGET = 4.0

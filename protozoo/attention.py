@@ -1,4 +1,5 @@
-"""Reusable attention pieces for the VQA family (:mod:`protozoo.models.vqa`).
+"""Reusable attention pieces for the VQA family (:mod:`protozoo.models.vqa`,
+:mod:`protozoo.models.hard_attention`).
 
 * :class:`TopKPool` and :func:`select_top_k` -- keep the k cells with the largest score M(X) and
   aggregate them (max / mean) or hand them on; Malinowski et al. 2018's hard attention is top-k by

@@ -7,7 +7,7 @@
   count how often the model's answer stays the same. A model that reads the right objects is
   unmoved; one that leans on scene statistics is not.
 * :func:`time_call` -- the median time of a call; the reasoning step of hard attention against
-  a Relation Network on all cells is timed by :func:`protozoo.models.vqa.time_reasoning`.
+  a Relation Network on all cells is timed by :func:`protozoo.models.hard_attention.time_reasoning`.
 """
 from __future__ import annotations
 

@@ -100,7 +100,7 @@ def test_checkpoint_keeps_its_model_when_a_default_changes(tmp_path, monkeypatch
     """The config records the defaults the model was built with, so a later version's new
     default does not silently change a loaded model (han's ``unit_cells`` has no weights: only
     the recorded value tells the two models apart)."""
-    from protozoo.models.vqa import HAN
+    from protozoo.models.hard_attention import HAN
 
     vocab = ["<pad>", "<unk>", "what", "colour"]
     model = protozoo.create_model("han", class_names=["a", "b"], vocab=vocab, g_dim=8, f_dim=8)

@@ -17,8 +17,8 @@ from protozoo.attention import (AttentionHop, RelationModule, TopKPool, adaptive
 from protozoo.data.sort_of_clevr import perturbed_dataset
 from protozoo.backbones import Geometry, create_backbone
 from protozoo.errors import DataError, UserError
-from protozoo.models.vqa import (CellEmbedding, attention_metrics, cell_coverage,
-                                 time_reasoning)
+from protozoo.models.hard_attention import CellEmbedding, time_reasoning
+from protozoo.models.vqa import attention_metrics, cell_coverage
 from protozoo.probes import predictions
 
 VOCAB = ["<pad>", "<unk>", "bottom", "cell", "colour", "left", "of", "right", "top", "what"]
