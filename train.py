@@ -18,11 +18,11 @@ import torch
 
 import protozoo
 from protozoo.backbones import backbone_normalization
-from protozoo.config import TrainConfig, read_yaml
-from protozoo.data import DATASETS, build_data
+from protozoo.config import TrainConfig, read_run_config, read_yaml
+from protozoo.data import DATASETS, VQA_DATASETS, build_data
 from protozoo.engine import Trainer, read_resume_state, setup_distributed
 from protozoo.errors import UserError, run_cli
-from protozoo.registry import model_batch_size, model_default
+from protozoo.registry import model_batch_size, model_default, model_task, models_for_task
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -71,16 +71,27 @@ def _key_values(items: list[str], flag: str) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise UserError(f"{flag} '{item}' must look like KEY=VALUE")
-        try:
-            out[key.replace("-", "_")] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.replace("-", "_")] = value
+        out[key.replace("-", "_")] = _value(value)
     return out
+
+
+def _value(text: str):
+    """A flag's value as JSON (``3``, ``0.5``, ``true``, ``[1, 2]``), Python's spellings of
+    true/false/None too (``film=False`` must not become the true string "False"), else a string."""
+    words = {"true": True, "false": False, "none": None, "null": None}
+    if text.strip().lower() in words:
+        return words[text.strip().lower()]
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
 
 
 def resolve_config(args: argparse.Namespace) -> TrainConfig:
     """Defaults, then the YAML file, then the flags that were given."""
     values = read_yaml(args.config) if args.config else {}
+    if values:  # wrong keys or shapes in the file (model_args: "hops=3") name the file
+        TrainConfig.from_dict(values, source=args.config)
     flags = {k: v for k, v in vars(args).items()
              if v is not None and k not in ("config", "resume", "model_arg", "loss_weight", "base")}
     if flags.get("pretrained") == "timm":
@@ -101,7 +112,7 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
                                                                           "--model-arg")}
     values["loss_weights"] = {**values.get("loss_weights", {}),
                               **_key_values(args.loss_weight, "--loss-weight")}
-    return TrainConfig.from_dict(values, source=args.config or "flags")
+    return TrainConfig.from_dict(values, source=args.config or "the command line")
 
 
 def build_model(cfg: TrainConfig, class_names: list[str], data=None):
@@ -117,13 +128,48 @@ def build_model(cfg: TrainConfig, class_names: list[str], data=None):
         kwargs["pretrained"] = cfg.pretrained
     if cfg.stage != -1:
         kwargs["stage"] = cfg.stage
-    try:
+    try:  # names and types of the arguments are checked by create_model (one-line errors)
         return protozoo.create_model(cfg.model, **kwargs)
-    except TypeError as exc:  # an unknown --model-arg
-        raise UserError(f"model '{cfg.model}' does not take these arguments ({exc}); check "
-                        "--model-arg names against its docstring") from None
     except ValueError as exc:  # a --model-arg value the constructor rejects
         raise UserError(f"model '{cfg.model}': {exc}; fix the --model-arg value") from None
+
+
+def check_model_data(cfg: TrainConfig) -> None:
+    """A VQA model needs questions, and questions need a VQA model."""
+    vqa_models = models_for_task("vqa")
+    if model_task(cfg.model) == "vqa" and cfg.dataset not in VQA_DATASETS:
+        raise UserError(f"model '{cfg.model}' answers questions about images: train it on "
+                        f"--dataset {' or '.join(VQA_DATASETS)}")
+    if cfg.dataset in VQA_DATASETS and model_task(cfg.model) != "vqa":
+        raise UserError(f"dataset '{cfg.dataset}' holds questions about images: train a VQA "
+                        f"model on it (--model {', '.join(vqa_models)})")
+
+
+def dry_run(model, data, cfg: TrainConfig) -> None:
+    """The schedule and one forward pass on two training items, before the run folder is
+    written: a model argument that cannot work (``embed_dim=0``) then fails with a one-line
+    error instead of leaving a half-written run. The RNG is restored, so training is unchanged."""
+    from torch.utils.data import default_collate
+
+    model.check_training(cfg)
+    model.phases(cfg)
+    batch = default_collate([data.train[i] for i in range(min(2, len(data.train)))])
+    was_training = model.training
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            model.eval()
+            model(*model.inputs(batch))
+    except UserError:
+        raise
+    except (RuntimeError, ValueError, IndexError) as exc:
+        if not cfg.model_args:
+            raise
+        given = " ".join(f"{k}={v}" for k, v in cfg.model_args.items())
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"model '{cfg.model}' with --model-arg {given} fails on a batch of "
+                        f"{cfg.dataset} ({first}); fix those values") from None
+    finally:
+        model.train(was_training)
 
 
 def new_run_dir(cfg: TrainConfig, dist) -> Path:
@@ -133,12 +179,32 @@ def new_run_dir(cfg: TrainConfig, dist) -> Path:
         torch.distributed.broadcast_object_list(holder, src=0)
         out = holder[0]
     run_dir = Path(out)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--out '{run_dir}' is a file; a run is a folder: choose another --out")
     if run_dir.exists() and any(run_dir.iterdir()):  # every process stops, not only rank 0
         raise UserError(f"run directory '{run_dir}' already exists; continue it with --resume "
                         f"{run_dir} or choose another --out")
     if dist.enabled:  # nobody writes into the folder before every process has checked it
         torch.distributed.barrier()
     return run_dir
+
+
+# flags that may change when a run continues (where it runs, not what it trains)
+RESUME_FLAGS = ("device", "workers")
+
+
+def _resume_overrides(args: argparse.Namespace, cfg: TrainConfig) -> None:
+    """``--resume`` continues the saved config: ``--device``/``--workers`` may change, any other
+    flag is an error rather than silently ignored."""
+    given = [k for k, v in vars(args).items() if k != "resume" and v not in (None, [])]
+    ignored = [k for k in given if k not in RESUME_FLAGS]
+    if ignored:
+        flags = ", ".join("--" + k.replace("_", "-") for k in ignored)
+        raise UserError(f"--resume continues the run with its saved config, so {flags} would be "
+                        "ignored: drop them, or start a new run with --out")
+    for key in given:
+        setattr(cfg, key, getattr(args, key))
+    cfg.check("the command line")
 
 
 def main(argv=None) -> int:
@@ -149,13 +215,19 @@ def main(argv=None) -> int:
         if not (run_dir / "train_config.json").is_file():
             raise UserError(f"'{run_dir}' is not a run directory (no train_config.json); pass the "
                             "--out folder of an earlier train.py run")
-        cfg = TrainConfig.from_dict(json.loads((run_dir / "train_config.json").read_text()))
+        cfg = read_run_config(run_dir)
+        _resume_overrides(args, cfg)
         resume = read_resume_state(run_dir)
+        if resume["model_name"] != cfg.model:
+            raise UserError(f"'{run_dir}' holds the state of a '{resume['model_name']}' model but "
+                            f"its train_config.json says '{cfg.model}': the run folder was mixed "
+                            "up; start a new run with --out")
         if resume["position"].get("finished"):
             print(f"run '{run_dir}' already finished; nothing to resume")
             return 0
     else:
         cfg = resolve_config(args)
+        check_model_data(cfg)
 
     dist = setup_distributed(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -173,11 +245,16 @@ def main(argv=None) -> int:
         protozoo.checkpoint.load_state(model, resume["model"], source=str(run_dir / "train_state.pt"))
     else:
         model = build_model(cfg, data.class_names, data)
+        model.backbone.check_input(torch.zeros(1, 3, data.image_size, data.image_size))
+        dry_run(model, data, cfg)
         run_dir = new_run_dir(cfg, dist)
     model.metadata["image_size"] = data.image_size
-    model.backbone.check_input(torch.zeros(1, 3, data.image_size, data.image_size))
     if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot create the run folder '{run_dir}' ({exc.strerror}); choose "
+                            "a writable --out") from None
         cfg.out = str(run_dir)
         cfg.save(run_dir / "train_config.json")
         items, classes = (("questions", "answers") if "vocab" in data.extras

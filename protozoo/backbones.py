@@ -86,6 +86,13 @@ class Backbone(nn.Module):
         if x.ndim != 4:
             raise UserError(f"expected a batch of images [B, {self.in_chans}, H, W], got shape "
                             f"{tuple(x.shape)}; add a batch dimension with x.unsqueeze(0)")
+        if not x.is_floating_point():
+            raise UserError(f"expected float images, got {x.dtype}; convert and normalise them "
+                            "first (x.float() / 255, then the model's mean/std)")
+        weight = next(self.body.parameters(), None)
+        if weight is not None and x.dtype == torch.float64 and weight.dtype != torch.float64:
+            raise UserError(f"images are float64 but the model's weights are {weight.dtype}; "
+                            "convert the batch with x.float()")
         if x.shape[1] != self.in_chans:
             raise UserError(f"expected {self.in_chans}-channel images, got {x.shape[1]} channels; "
                             "convert grayscale/RGBA images to RGB first (PIL: img.convert('RGB'))")
@@ -186,6 +193,7 @@ class StagedCNN(nn.Module):
     def __init__(self, widths: list[int], pools: list[bool], stage: int = -1,
                  conv_stride: int = 1):
         super().__init__()
+        check_stage(stage, len(widths))
         stage = stage % len(widths)
         cins = [3] + widths[:-1]
         self.stages = nn.ModuleList(
@@ -313,9 +321,7 @@ def _timm_backbone(name: str, pretrained, stage: int) -> Backbone:
     kwargs: dict = dict(features_only=True)
     probe = timm.create_model(name, features_only=True, pretrained=False)
     n_stages = len(probe.feature_info)
-    if not -n_stages <= stage < n_stages:
-        raise UserError(f"backbone '{name}' has {n_stages} feature stages; choose --stage in "
-                        f"[-{n_stages}, {n_stages - 1}]")
+    check_stage(stage, n_stages, name)
     kwargs["out_indices"] = (stage % n_stages,)
     if isinstance(pretrained, str) and pretrained:
         if not os.path.isfile(pretrained):
@@ -341,15 +347,31 @@ def _timm_backbone(name: str, pretrained, stage: int) -> Backbone:
     return Backbone(body, name, stage, mean=mean, std=std)
 
 
+def check_stage(stage: int, n_stages: int, name: str = "") -> None:
+    """``stage`` must name one of ``n_stages`` feature stages (negative counts from the end)."""
+    if isinstance(stage, bool) or not isinstance(stage, int) or not -n_stages <= stage < n_stages:
+        which = f"backbone '{name}'" if name else "this backbone"
+        raise UserError(f"{which} has {n_stages} feature stages, so stage {stage!r} does not "
+                        f"exist; choose --stage in [-{n_stages}, {n_stages - 1}] (-1: the last)")
+
+
 def _read_state_dict(path: str) -> dict:
     if not os.path.isfile(path):
         raise UserError(f"pretrained weights file '{path}' not found; pass an existing "
                         ".safetensors or .pth file")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    if os.path.isfile(os.path.join(os.path.dirname(path) or ".", "config.json")) and \
+            os.path.basename(path) == "model.safetensors":
+        raise UserError(f"'{path}' is a whole protozoo checkpoint, not backbone weights: load it "
+                        "with protozoo.load(its folder), or pass a backbone's weights file")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
 
-        return load_file(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
+            return load_file(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # not a weights file (an image, a truncated download, a pickle)
+        raise UserError(f"pretrained weights file '{path}' is not a readable .safetensors file "
+                        "or .pth state dict of tensors; pass one of those") from None
 
 
 def output_size(size: int, stride: int) -> int:

@@ -38,6 +38,9 @@ def save(model, run_dir: str | os.PathLike, image_size: int | None = None) -> Pa
     from . import __version__
 
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CheckpointError(f"'{run_dir}' is a file; a checkpoint is a folder (model.safetensors"
+                              " + config.json): pass a folder path")
     run_dir.mkdir(parents=True, exist_ok=True)
     # clone: safetensors refuses tensors that share storage (tied or sliced parameters).
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
@@ -73,6 +76,11 @@ def read_config(run_dir: str | os.PathLike) -> dict:
     except json.JSONDecodeError:
         raise CheckpointError(f"'{path}' is not valid JSON; restore it from the run or re-save "
                               "the model") from None
+    missing = [k for k in ("model", "kwargs", "class_names")
+               if not isinstance(config, dict) or k not in config]
+    if missing:
+        raise CheckpointError(f"'{path}' lacks {', '.join(missing)}: it is not a protozoo "
+                              "checkpoint config (or was edited); restore it or re-save the model")
     version = config.get("format_version")
     if version != FORMAT_VERSION:
         raise CheckpointError(f"'{path}' has format version {version}, this protozoo reads "
@@ -84,8 +92,10 @@ def load(run_dir: str | os.PathLike, device: str | torch.device = "cpu"):
     """Rebuild a model from a checkpoint directory alone (no pickle), in eval mode."""
     from safetensors.torch import load_file
 
+    from .engine import resolve_device
     from .registry import create_model
 
+    device = resolve_device(str(device))  # an unknown name or a missing GPU: one-line error
     run_dir = Path(run_dir)
     config = read_config(run_dir)
     weights = run_dir / WEIGHTS

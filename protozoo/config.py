@@ -82,10 +82,33 @@ class TrainConfig:
                     values[f.name] = float(values[f.name])
                 except ValueError:
                     pass
-            if not _has_type(values[f.name], f.type):
-                raise UserError(f"'{f.name}' in {source} must be {f.type}, got "
-                                f"{values[f.name]!r}; fix the value")
-        return cls(**values)
+            check_type(values[f.name], f.type, f"'{f.name}' in {source}")
+        config = cls(**values)
+        config.check(source)
+        return config
+
+    # (field, lowest allowed value, inclusive?) for the numbers a run cannot work without
+    _LIMITS = (("epochs", 1, True), ("batch_size", 1, True), ("lr", 0, False),
+               ("weight_decay", 0, True), ("workers", 0, True), ("num_classes", 1, True),
+               ("image_size", 1, True))
+    AMP = ("auto", "off", "bf16", "fp16")
+
+    def check(self, source: str = "config") -> None:
+        """One-line UserErrors for values no run can use (``--epochs 0``, a negative learning
+        rate, an unknown ``--amp``), before anything is built or written."""
+        for name, low, inclusive in self._LIMITS:
+            value = getattr(self, name)
+            if value is not None and (value < low if inclusive else value <= low):
+                bound = f">= {low}" if inclusive else f"> {low}"
+                raise UserError(f"'{name}' in {source} must be {bound}, got {value}; fix the "
+                                "value or leave it unset for the default")
+        if self.amp not in self.AMP:
+            raise UserError(f"'amp' in {source} must be one of {', '.join(self.AMP)}, got "
+                            f"'{self.amp}'")
+        for term, weight in self.loss_weights.items():
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+                raise UserError(f"loss weight '{term}' in {source} must be a number, got "
+                                f"{weight!r}; e.g. --loss-weight {term}=0.8")
 
     def save(self, path: Path) -> None:
         from .fileio import atomic_write_text
@@ -93,21 +116,53 @@ class TrainConfig:
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2))
 
 
-_TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool, "None": type(None)}
+_TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool, "None": type(None),
+          "dict": dict, "list": (list, tuple), "tuple": (list, tuple)}
 
 
 def _has_type(value, annotation: str) -> bool:
-    """Whether ``value`` fits a field annotation such as ``"int | None"`` or ``"dict[str, float]"``
-    (``Any`` accepts everything; a bool is not an int here)."""
-    for part in annotation.split("|"):
-        name = part.strip().split("[")[0]
-        if name == "Any" or (name == "dict" and isinstance(value, dict)):
-            return True
+    """Whether ``value`` fits an annotation such as ``"int | None"`` or ``"dict[str, float]"``
+    (``Any``, and an annotation naming no type known here, accept everything; a bool is not an
+    int here; containers are checked, not their items)."""
+    parts = [part.strip().split("[")[0] for part in annotation.split("|")]
+    if "Any" in parts or not any(name in _TYPES for name in parts):
+        return True
+    for name in parts:
         expected = _TYPES.get(name)
         if expected is not None and isinstance(value, expected) and not (
                 isinstance(value, bool) and name in ("int", "float")):
             return True
     return False
+
+
+def check_type(value, annotation: str, what: str) -> None:
+    """A one-line UserError when ``value`` does not fit ``annotation`` (see :func:`_has_type`)."""
+    if not _has_type(value, annotation):
+        shown = {"bool": "true or false"}.get(annotation, annotation)
+        raise UserError(f"{what} must be {shown}, got {value!r}; fix the value")
+
+
+RUN_CONFIG = "train_config.json"
+
+
+def read_config_json(path: Path) -> dict:
+    """A run's saved config (``train_config.json``) as a dict; a damaged file is a one-line error
+    that names it."""
+    try:
+        values = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"'{path}' cannot be read as JSON ({type(exc).__name__}): the run's "
+                        "config is damaged; restore it from a copy or start a new run") from None
+    if not isinstance(values, dict):
+        raise UserError(f"'{path}' must hold a JSON object of option: value; restore it from a "
+                        "copy or start a new run")
+    return values
+
+
+def read_run_config(run_dir) -> TrainConfig:
+    """The resolved config a ``train.py`` run saved in its folder."""
+    path = Path(run_dir) / RUN_CONFIG
+    return TrainConfig.from_dict(read_config_json(path), source=str(path))
 
 
 def read_yaml(path: str) -> dict:

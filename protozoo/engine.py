@@ -404,4 +404,12 @@ def read_resume_state(run_dir: Path) -> dict:
     if not path.is_file():
         raise UserError(f"'{run_dir}' has no {STATE} to resume from (it was killed before its "
                         "first epoch ended); start it again without --resume")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # truncated, overwritten, or not a torch file at all
+        raise UserError(f"'{path}' is not a readable torch file: the resume state is damaged; "
+                        "evaluate the last saved model with evaluate.py, or start again "
+                        "without --resume") from None
+    if not isinstance(state, dict) or "model_name" not in state:
+        raise UserError(f"'{path}' is not a train.py resume state; start again without --resume")
+    return state

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from . import checkpoint
-from .config import TrainConfig
+from .config import TrainConfig, read_config_json
 from .engine import iterate, resolve_device
 from .errors import UserError
 from .fileio import atomic_write_text
@@ -25,12 +25,12 @@ def run_config(run_dir: Path, overrides: dict | None = None) -> TrainConfig:
     values = {}
     path = Path(run_dir) / "train_config.json"
     if path.is_file():
-        values = json.loads(path.read_text())
+        values = read_config_json(path)
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     if not path.is_file() and (overrides or {}).get("dataset") is None:
         raise UserError(f"'{run_dir}' has no train_config.json (a checkpoint saved outside "
                         "train.py); say which data to use with --dataset [--data-dir]")
-    return TrainConfig.from_dict(values)
+    return TrainConfig.from_dict(values, source=str(path) if path.is_file() else "flags")
 
 
 def build_eval_data(cfg: TrainConfig, model):

@@ -77,10 +77,46 @@ def create_model(name: str, **kwargs):
     carries the arguments that rebuild its model). Recording the defaults too means a checkpoint
     keeps meaning the same model when a later version changes a default.
     """
+    check_model_kwargs(name, kwargs)
     model = MODELS.get(name)(**kwargs)
     model.model_name = name
     model.init_kwargs = {**_constructor_defaults(name), **kwargs}
     return model
+
+
+def check_model_kwargs(name: str, kwargs: dict) -> None:
+    """A one-line UserError for an argument model ``name``'s constructor does not take, or a value
+    of the wrong type for its annotation (``film="False"`` would otherwise be a true string, and
+    ``hops=2.5`` fail deep inside the model)."""
+    import inspect
+
+    from .config import check_type
+
+    params = inspect.signature(MODELS.get(name)).parameters
+    open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    for key, value in kwargs.items():
+        if key not in params and not open_ended:
+            close = difflib.get_close_matches(key, params, n=3, cutoff=0.6)
+            hint = f"did you mean {', '.join(close)}?" if close else \
+                f"it takes {', '.join(p for p in params if p != 'self')}"
+            raise UserError(f"model '{name}' has no argument '{key}': {hint}")
+        annotation = params[key].annotation if key in params else None
+        if isinstance(annotation, str):
+            check_type(value, annotation, f"argument '{key}' of model '{name}'")
+
+
+def model_task(name: str) -> str:
+    """What model ``name`` does with its input: ``"classify"`` images or answer questions about
+    them (``"vqa"``), from the family's ``ZooModel.task``."""
+    from . import models  # noqa: F401
+
+    return getattr(MODELS.get(name), "task", "classify")
+
+
+def models_for_task(task: str) -> list[str]:
+    from . import models  # noqa: F401
+
+    return [n for n in MODELS.names() if getattr(MODELS.get(n), "task", "classify") == task]
 
 
 def _constructor_defaults(name: str) -> dict:

@@ -88,7 +88,10 @@ def test_check_input_errors_are_one_line_user_errors():
     bb.check_input(torch.zeros(1, 3, 8, 8))  # exactly one cell: fine
     cases = [(torch.zeros(1, 1, 32, 32), "3-channel images, got 1 channels"),
              (torch.zeros(2, 3, 4, 16), "16x4 px is smaller than one feature cell"),
-             (torch.zeros(3, 32, 32), "add a batch dimension")]
+             (torch.zeros(3, 32, 32), "add a batch dimension"),
+             (torch.zeros(1, 3, 32, 32, dtype=torch.uint8), "expected float images, got "
+                                                             "torch.uint8"),
+             (torch.zeros(1, 3, 32, 32, dtype=torch.float64), "convert the batch with x.float()")]
     for x, text in cases:
         with pytest.raises(UserError) as info:
             bb.check_input(x)
@@ -179,3 +182,20 @@ def test_timm_pretrained_file_loads_those_weights(tmp_path):
     bb = create_backbone("resnet18", pretrained=str(path))
     assert torch.equal(bb.body.conv1.weight, full.conv1.weight)
     assert torch.equal(bb.body.layer4[1].conv2.weight, full.layer4[1].conv2.weight)
+
+
+def test_builtin_stage_out_of_range_is_user_error():
+    assert create_backbone("tiny_cnn", stage=-4).stride == create_backbone("tiny_cnn", stage=0).stride
+    for stage in (4, -5):
+        with pytest.raises(UserError, match=f"stage {stage} does not exist; choose --stage in "
+                                            r"\[-4, 3\]"):
+            create_backbone("tiny_cnn", stage=stage)
+
+
+def test_pretrained_file_that_is_not_weights_is_user_error(tmp_path):
+    (tmp_path / "photo.png").write_bytes(b"\x89PNG\r\n\x1a\n not weights")
+    with pytest.raises(UserError, match="is not a readable .safetensors file or .pth state dict"):
+        create_backbone("tiny_cnn", pretrained=str(tmp_path / "photo.png"))
+    protozoo.save(protozoo.create_model("cam", backbone="tiny_cnn", num_classes=2), tmp_path / "r")
+    with pytest.raises(UserError, match="is a whole protozoo checkpoint, not backbone weights"):
+        create_backbone("tiny_cnn", pretrained=str(tmp_path / "r" / "model.safetensors"))

@@ -201,6 +201,27 @@ def test_bad_config_files_are_checkpoint_errors(tmp_path):
     (tmp_path / CONFIG).write_text(good.replace('"format_version": 1', '"format_version": 99'))
     with pytest.raises(CheckpointError, match="format version 99"):
         protozoo.load(tmp_path)
+    (tmp_path / CONFIG).write_text('{"format_version": 1}')
+    with pytest.raises(CheckpointError, match="lacks model, kwargs, class_names"):
+        protozoo.load(tmp_path)
+    (tmp_path / CONFIG).write_text("[]")
+    with pytest.raises(CheckpointError, match="lacks model"):
+        protozoo.load(tmp_path)
+
+
+def test_load_device_and_save_path_mistakes_are_user_errors(tmp_path):
+    from protozoo.errors import UserError
+
+    protozoo.save(_model(), tmp_path / "ok")
+    with pytest.raises(UserError, match="unknown device 'gpu'"):
+        protozoo.load(tmp_path / "ok", device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="no CUDA GPU is available"):
+            protozoo.load(tmp_path / "ok", device="cuda")
+    (tmp_path / "file.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match="'.*file.txt' is a file; a checkpoint is a folder"):
+        protozoo.save(_model(), tmp_path / "file.txt")
+    assert (tmp_path / "file.txt").read_text() == "mine"
 
 
 def test_failed_weight_write_leaves_previous_checkpoint_untouched(tmp_path, monkeypatch):

@@ -45,9 +45,12 @@ def _setup(tmp_path: Path) -> None:
     (tmp_path / "list.yaml").write_text("- epochs\n- 3\n")
     (tmp_path / "words.yaml").write_text("epochs: ten\n")
     (tmp_path / "intkey.yaml").write_text("42: 1\n")
+    (tmp_path / "shape.yaml").write_text("model_args: hops=3\n")
     killed = tmp_path / "killed"  # started, then killed before its first epoch ended
     killed.mkdir()
     protozoo.config.TrainConfig(model="cam", dataset="digits").save(killed / "train_config.json")
+    (tmp_path / "damaged").mkdir()  # a run folder whose config was overwritten
+    (tmp_path / "damaged" / "train_config.json").write_text("{half")
 
 
 BAD_TRAIN = [
@@ -64,12 +67,29 @@ BAD_TRAIN = [
     (FAST + ["--config", "nowhere.yaml"], "config file 'nowhere.yaml' not found"),
     (FAST + ["--config", "words.yaml"], "'epochs' in words.yaml must be int | None, got 'ten'"),
     (FAST + ["--config", "intkey.yaml"], "unknown key(s) 42 in intkey.yaml"),
-    (FAST + ["--model-arg", "nonsense=1"], "does not take these arguments"),
+    (FAST + ["--model-arg", "nonsense=1"], "has no argument 'nonsense'"),
     (FAST + ["--model-arg", "nonsense"], "must look like KEY=VALUE"),
     (["--model", "protopnet"] + FAST[2:] + ["--model-arg", "similarity=dot"],
      "similarity must be 'log' or 'cosine', got 'dot'; fix the --model-arg value"),
     (FAST + ["--image-size", "4"], "image_size=4 is too small for digits"),
     (FAST + ["--val-fraction", "1.5"], "val_fraction=1.5 must be between 0 and 1"),
+    # model and data that do not go together, arguments a run cannot use
+    (["--model", "san", "--dataset", "digits"], "model 'san' answers questions about images"),
+    (FAST[:4] + ["--dataset", "sort-of-clevr"], "dataset 'sort-of-clevr' holds questions"),
+    (FAST + ["--data-dir", "empty"], "dataset 'digits' is generated and does not read --data-dir"),
+    (FAST + ["--model-arg", "extra_conv=two"], "argument 'extra_conv' of model 'cam' must be"),
+    (FAST + ["--epochs", "0"], "'epochs' in the command line must be >= 1, got 0"),
+    (FAST + ["--lr", "-1"], "'lr' in the command line must be > 0"),
+    (FAST + ["--amp", "fp8"], "'amp' in the command line must be one of auto, off, bf16, fp16"),
+    (FAST + ["--loss-weight", "cluster=0.8"], "model 'cam' has no loss term cluster"),
+    (["--model", "protopnet"] + FAST[2:] + ["--loss-weight", "clusterr=1"],
+     "has no loss term clusterr for --loss-weight: its terms are cross_entropy, cluster"),
+    (FAST + ["--schedule", "short"], "model 'cam' has no schedule 'short'"),
+    (FAST + ["--stage", "9"], "stage 9 does not exist; choose --stage in [-4, 3]"),
+    (FAST + ["--config", "shape.yaml"], "'model_args' in shape.yaml must be dict"),
+    (FAST + ["--out", "existing/keep.txt"], "is a file; a run is a folder"),
+    (["--resume", "killed", "--epochs", "3"], "so --epochs would be ignored"),
+    (["--resume", "damaged"], "damaged/train_config.json' cannot be read as JSON"),
 ]
 
 
@@ -222,3 +242,22 @@ def test_report_escapes_class_and_file_names(tmp_path):
     assert "<script" not in html.lower() and "<i>" not in html
     assert "&lt;script&gt;alert(1)&lt;\\script&gt;" in html
     assert "a&amp;b" in html and "&lt;i&gt;x.png" in html
+
+
+def test_flag_values_read_python_spellings_of_booleans():
+    assert train._value("False") is False and train._value("TRUE") is True
+    assert train._value("None") is None and train._value("0.5") == 0.5
+    assert train._value("[1, 2]") == [1, 2] and train._value("gate") == "gate"
+
+
+def test_model_argument_that_fails_on_data_is_caught_before_the_run_folder(tmp_path, monkeypatch,
+                                                                            capsys):
+    # embed_dim=0 builds, but no batch goes through it: the dry run says so, nothing is written
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PROTOZOO_CACHE", str(tmp_path / "cache"))
+    argv = ["--model", "han", "--dataset", "sort-of-clevr", "--num-train", "12", "--num-test",
+            "4", "--model-arg", "embed_dim=0", "--out", "run"]
+    assert run_cli(train.main, argv) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "model 'han' with --model-arg embed_dim=0 fails on a batch of sort-of-clevr" in line
+    assert not (tmp_path / "run").exists()

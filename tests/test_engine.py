@@ -86,6 +86,30 @@ def test_resume_of_a_finished_run_does_nothing(reference_run, capsys):
     assert (reference_run / "log.jsonl").read_bytes() == before
 
 
+def test_resume_refuses_a_damaged_or_foreign_state(reference_run, tmp_path, capsys):
+    import shutil
+
+    from protozoo.errors import run_cli
+
+    for name, damage in [("damaged", lambda p: p.write_bytes(b"half a file")),
+                         ("foreign", None)]:
+        run = tmp_path / name
+        shutil.copytree(reference_run, run)
+        state = run / "train_state.pt"
+        if damage:
+            damage(state)
+        else:  # a state from another model's run copied in
+            saved = torch.load(state, weights_only=True)
+            torch.save({**saved, "model_name": "protopnet", "position": {}}, state)
+        before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+        assert run_cli(train.main, ["--resume", str(run)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("error: ")
+        assert ("is not a readable torch file" in err if damage else
+                "holds the state of a 'protopnet' model but its train_config.json says" in err)
+        assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
 def _wait_for(predicate, proc, timeout=120.0):
     deadline = time.time() + timeout
     while time.time() < deadline:

@@ -82,3 +82,26 @@ def test_list_models_and_backbones():
     assert backbones[:5] == builtins  # built-ins first, then timm's
     assert {"resnet18", "convnext_tiny"} <= set(backbones)
     assert protozoo.list_backbones(timm_models=False) == builtins
+
+
+def test_create_model_checks_argument_names_and_types():
+    with pytest.raises(UserError, match="model 'cam' has no argument 'extra_convv': did you "
+                                        "mean extra_conv"):
+        protozoo.create_model("cam", backbone="tiny_cnn", num_classes=3, extra_convv=8)
+    # "False" is a true string: a bool argument must be a bool, an int one an int
+    with pytest.raises(UserError, match="argument 'coordinates' of model 'san' must be true or "
+                                        "false, got 'False'"):
+        protozoo.create_model("san", num_classes=3, vocab=["<pad>", "<unk>"], coordinates="False")
+    with pytest.raises(UserError, match="argument 'hops' of model 'san' must be int, got 2.5"):
+        protozoo.create_model("san", num_classes=3, vocab=["<pad>", "<unk>"], hops=2.5)
+    # ints are floats, lists stand for tuples (JSON has no tuples), None where allowed
+    model = protozoo.create_model("han", num_classes=3, vocab=["<pad>", "<unk>"], top_k=3,
+                                  glimpse=1)
+    assert model.top_k == 3 and model.glimpse == 1
+
+
+def test_model_tasks():
+    from protozoo.registry import model_task, models_for_task
+
+    assert models_for_task("vqa") == ["cnn_lstm", "han", "rn", "san"]
+    assert model_task("protopnet") == model_task("cam") == model_task("niwt") == "classify"

@@ -626,7 +626,10 @@ def test_bad_inputs_are_one_line_user_errors():
              ((image[:2], question, lengths, torch.tensor([0, 1, 2, 1])),
               "image_index 2 names no image: there are 2"),
              ((image[:2], question, lengths, torch.tensor([0.0, 1.0, 0.0, 1.0])),
-              "image_index must be 4 integers")]
+              "image_index must be 4 integers"),
+             ((image[0], question[:1], lengths[:1]), "add a batch dimension"),
+             ((image[:1], "what cell", 2), "got str; encode text with ids, lengths = "
+                                          "model.encode_question(texts)")]
     for args, text in cases:
         with pytest.raises(UserError) as info:
             model(*args)

@@ -36,6 +36,10 @@ DATASETS = ("synthetic-parts", "digits", "folder", "cub", "synthetic-attributes"
 DEFAULT_IMAGE_SIZE = {"synthetic-parts": 64, "digits": 32, "folder": 224, "cub": 224,
                       "synthetic-attributes": 32, "cub-zsl": 224, "sort-of-clevr": 75,
                       "clevr": 128}
+# Datasets read from --data-dir; the others are generated (or bundled) and would ignore it.
+READS_DATA_DIR = ("folder", "cub", "cub-zsl", "clevr")
+# Datasets of questions about images, for the VQA families (san, han, rn, cnn_lstm).
+VQA_DATASETS = ("sort-of-clevr", "clevr")
 SYNTHETIC_DEFAULTS = {"num_classes": 5, "num_train": 3000, "num_test": 1000}
 # The generated images do not follow the run seed (which picks the validation split and the
 # training randomness): runs with different seeds are then scored on the same test set, and a
@@ -43,7 +47,7 @@ SYNTHETIC_DEFAULTS = {"num_classes": 5, "num_train": 3000, "num_test": 1000}
 SYNTHETIC_DATA_SEED = 0
 
 __all__ = [
-    "DATASETS", "DataBundle", "build_data", "denormalize", "stratified_split", "ImageDataset",
+    "DATASETS", "VQA_DATASETS", "READS_DATA_DIR", "DataBundle", "build_data", "denormalize", "stratified_split", "ImageDataset",
     "ImageFolderDataset", "load_split_folder", "CUBDataset", "DigitsDataset",
     "generate_synthetic_parts", "ensure_synthetic_parts",
 ]
@@ -79,6 +83,20 @@ def denormalize(image, mean=(0.5,) * 3, std=(0.5,) * 3) -> np.ndarray:
 def _check_name(name: str) -> None:
     if name not in DATASETS:
         raise DataError(f"unknown dataset '{name}': choose one of {', '.join(DATASETS)}")
+
+
+def _check_data_dir(name: str, data_dir) -> None:
+    if data_dir is not None and name not in READS_DATA_DIR:
+        hint = ("; for a CLEVR download use --dataset clevr" if name == "sort-of-clevr" else
+                "; for your own images use --dataset folder")
+        raise DataError(f"dataset '{name}' is generated and does not read --data-dir "
+                        f"'{data_dir}': drop --data-dir{hint}")
+
+
+def _check_image_size(size: int) -> None:
+    if size < 1:
+        raise DataError(f"image_size={size} must be a positive number of pixels (e.g. "
+                        "--image-size 64), or leave it unset for the dataset's default")
 
 
 def _check_fraction(val_fraction: float) -> None:
@@ -225,8 +243,10 @@ def build_data(name: str, *, data_dir=None, image_size=None, mean=(0.5,) * 3, st
     encodes the questions instead of the vocabulary built from the training questions.
     """
     _check_name(name)
+    _check_data_dir(name, data_dir)
     _check_fraction(val_fraction)
     size = int(image_size) if image_size is not None else DEFAULT_IMAGE_SIZE[name]
+    _check_image_size(size)
     args = dict(data_dir=data_dir, image_size=size, mean=mean, std=std, num_classes=num_classes,
                 seed=int(seed), cache_dir=cache_dir, num_train=num_train, num_test=num_test,
                 vocab=vocab)

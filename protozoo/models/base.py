@@ -15,6 +15,7 @@ from torch import nn
 from .. import losses
 from ..backbones import Backbone, create_backbone
 from ..config import Phase, TrainConfig
+from ..errors import UserError
 
 
 class ZooModel(nn.Module):
@@ -24,6 +25,9 @@ class ZooModel(nn.Module):
     init_kwargs: dict = {}
     default_batch_size: int = 64  # train.py's --batch-size when neither flag nor config sets it
     explains_images: bool = True  # can its report explain a user's image file (--images)?
+    task: str = "classify"  # or "vqa": which datasets it trains on (train.py checks the pair)
+    loss_terms: tuple[str, ...] = ()  # the weights ``objective`` takes (--loss-weight TERM=W)
+    schedules: tuple[str, ...] = ("auto",)  # the --schedule names ``phases`` knows
 
     def _init_backbone(self, backbone: str, pretrained, stage: int,
                        num_classes: int | None, class_names: list[str] | None) -> Backbone:
@@ -66,6 +70,20 @@ class ZooModel(nn.Module):
         """Loss terms; key ``"loss"`` is the total that is optimised, the rest are logged."""
         ce = losses.cross_entropy(output.logits, batch["label"])
         return {"loss": ce, "cross_entropy": ce}
+
+    def check_training(self, cfg: TrainConfig) -> None:
+        """One-line UserErrors for ``--loss-weight`` terms and a ``--schedule`` this family does
+        not have (they would be ignored, or fail after the run folder is written)."""
+        name = self.model_name or type(self).__name__
+        unknown = sorted(set(cfg.loss_weights) - set(self.loss_terms))
+        if unknown:
+            terms = (f"its terms are {', '.join(self.loss_terms)}" if self.loss_terms else
+                     "it has no weighted loss terms (its docstring lists the model arguments)")
+            raise UserError(f"model '{name}' has no loss term {', '.join(unknown)} for "
+                            f"--loss-weight: {terms}")
+        if cfg.schedule not in self.schedules:
+            raise UserError(f"model '{name}' has no schedule '{cfg.schedule}': use one of "
+                            f"{', '.join(self.schedules)}")
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         backbone = list(self.backbone.parameters())

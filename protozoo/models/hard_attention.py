@@ -8,7 +8,7 @@
 * ``rn`` -- a Relation Network over *all* cells (Santoro et al., NeurIPS 2017): the cost hard
   attention is measured against (:func:`time_reasoning`).
 
-Both are :class:`CellReasoner`\ s: :meth:`~CellReasoner.cells` picks what the reasoning sees,
+Both subclass :class:`CellReasoner`: :meth:`~CellReasoner.cells` picks what the reasoning sees,
 :meth:`~CellReasoner.reason` answers, so the reasoning step can be timed alone. The question
 encoder, inputs and metrics they share with ``san`` and ``cnn_lstm`` live in
 :mod:`protozoo.models.vqa`.

@@ -387,17 +387,16 @@ def _check_base_dir(base_dir) -> Path:
 def inherited_config(base_dir, model: str | None = "niwt") -> dict:
     """The data settings and backbone of the base run, so ``--base RUN`` alone picks the same
     data; flags given on the command line override them."""
-    import json
-
     from ..checkpoint import read_config
+    from ..config import RUN_CONFIG, read_config_json
 
     if model != "niwt":
         raise UserError(f"--base RUN_DIR is for --model niwt (a head on a trained run), not "
                         f"--model {model}")
     path = _check_base_dir(base_dir)
     values = {}
-    if (path / "train_config.json").is_file():
-        saved = json.loads((path / "train_config.json").read_text())
+    if (path / RUN_CONFIG).is_file():
+        saved = read_config_json(path / RUN_CONFIG)
         values = {k: saved[k] for k in BASE_DATA_KEYS if saved.get(k) is not None}
     backbone = read_config(path).get("kwargs", {}).get("backbone")
     if backbone:  # the checkpoint's own backbone decides the input normalisation

@@ -137,6 +137,9 @@ class ProtoPNet(ZooModel):
         return output.similarities.float().unsqueeze(1) * self.last_layer.weight.float()
 
     # ---------------------------------------------------------------- training
+    loss_terms = ("cross_entropy", "cluster", "separation", "l1")
+    schedules = ("auto", "short", "paper")
+
     def objective(self, output: PrototypeOutput, batch: dict, cluster: float = 0.8,
                   separation: float = -0.08, l1: float = 1e-4,
                   cross_entropy: float = 1.0) -> dict[str, torch.Tensor]:

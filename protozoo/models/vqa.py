@@ -127,6 +127,7 @@ class VQAModel(ZooModel):
     # (no learnt features), 0.89 after 11; from pixels through a CNN trained from scratch
     # (rn_cnn, wider, stride 8, max-pooled, frozen or slower) it stays near 0.6 for 5-12 epochs.
     default_batch_size = 320  # about 16 scenes x their 20 questions, one CNN pass per scene
+    task = "vqa"
     explains_images = False  # an answer needs a question: an image alone has nothing to explain
     paper_lr = 2.5e-4
     builtin_lr = 1e-3
@@ -163,7 +164,8 @@ class VQAModel(ZooModel):
         runs through the CNN once, then ``image_index`` gathers it for its questions. Checks
         the images against the questions first (one-line errors; the backbone checks the images
         themselves, :meth:`encode` a malformed ``question``)."""
-        if question.ndim == 2:
+        self.backbone.check_input(image)  # "add a batch dimension" before "3 images for 1"
+        if torch.is_tensor(question) and question.ndim == 2:
             self._check_image_index(len(image), image_index, len(question))
         features = self.backbone(image)
         return features if image_index is None else features[image_index]
@@ -198,6 +200,9 @@ class VQAModel(ZooModel):
 
     def encode(self, question: torch.Tensor, question_length: torch.Tensor) -> torch.Tensor:
         """The question vector ``[B, question_dim]``, after checking the ids and lengths."""
+        if not torch.is_tensor(question):
+            raise UserError(f"question must be token ids [B, L], got {type(question).__name__}; "
+                            "encode text with ids, lengths = model.encode_question(texts)")
         if question.ndim != 2:
             raise UserError(f"question must be token ids [B, L], got shape {tuple(question.shape)}"
                             "; encode text with model.encode_question(texts)")
