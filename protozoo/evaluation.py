@@ -90,6 +90,9 @@ def evaluate_run(run_dir, model=None, data=None, device="auto", report: bool = T
     model.to(device)
     metrics = test_metrics(model, data.test, cfg.batch_size, device, cfg.amp)
     metrics.update(model.dataset_metrics(data, cfg.amp))
+    unknown = data.extras.get("unknown_words", {}).get("test")
+    if unknown is not None:  # test words the model never saw in training, read as <unk>
+        metrics["unknown_test_words"] = int(unknown)
     atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
     if report:
         from .render.reports import write_report

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+import protozoo
 from protozoo.data import build_data
 from protozoo.data import sort_of_clevr as sc
 from protozoo.data.clevr import scene_split
@@ -405,6 +406,14 @@ def test_clevr_loader(tmp_path):
     assert bundle.extras["unknown_words"]["test"] > 0
     test_words = [words.decode(bundle.test[i]["question"]) for i in range(len(bundle.test))]
     assert any("<unk>" in w for w in test_words)
+    # ... and evaluation reports how many, beside the accuracy they affect
+    from protozoo.evaluation import evaluate_run
+
+    model = protozoo.create_model("cnn_lstm", class_names=bundle.class_names,
+                                  vocab=bundle.extras["vocab"])
+    metrics = evaluate_run(tmp_path / "run", model=model, data=bundle, device="cpu",
+                           report=False, overrides={"dataset": "clevr"})
+    assert metrics["unknown_test_words"] == bundle.extras["unknown_words"]["test"] > 0
     assert bundle.test.scene(0)["objects"][0]["shape"] == "cube"
     assert bundle.train.scene(0) is None  # no training scenes file: scenes are optional
     raw = bundle.train.raw_image(bundle.train.paths.index(str(root / "images" / "train" /

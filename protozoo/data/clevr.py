@@ -75,8 +75,10 @@ def read_questions(root, split: str) -> tuple[Path, list[dict]]:
         raise DataError(f"data folder '{root}' not found: {_HINT}")
     path = questions_file(root, split)
     if path is None:
+        also = (" (or _val_questions.json: real CLEVR's val split is scored as the test split)"
+                if split == "test" else "")
         raise DataError(f"no questions for split '{split}': expected "
-                        f"'{root / 'questions'}/<name>_{split}_questions.json'; {_HINT}")
+                        f"'{root / 'questions'}/<name>_{split}_questions.json'{also}; {_HINT}")
     entries = _load_json(path, "questions")
     if not entries:
         raise DataError(f"'{path}' has no questions: regenerate or re-download it")
