@@ -18,11 +18,12 @@ import torch
 
 import protozoo
 from protozoo.backbones import backbone_normalization
-from protozoo.config import TrainConfig, read_run_config, read_yaml
-from protozoo.data import DATASETS, VQA_DATASETS, build_data
+from protozoo.config import RUN_CONFIG, TrainConfig, read_run_config, read_yaml
+from protozoo.data import DATASETS, VQA_DATASETS, build_data, check_data_dir
 from protozoo.engine import Trainer, read_resume_state, setup_distributed
 from protozoo.errors import UserError, run_cli
-from protozoo.registry import model_batch_size, model_default, model_task, models_for_task
+from protozoo.registry import (model_batch_size, model_default, model_task, models_for_task,
+                               saved_kwargs)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -90,8 +91,10 @@ def _value(text: str):
 def resolve_config(args: argparse.Namespace) -> TrainConfig:
     """Defaults, then the YAML file, then the flags that were given."""
     values = read_yaml(args.config) if args.config else {}
-    if values:  # wrong keys or shapes in the file (model_args: "hops=3") name the file
-        TrainConfig.from_dict(values, source=args.config)
+    if values:  # wrong keys or shapes in the file (model_args: "hops=3") name the file; a
+        # null stands for the default, which is filled in below (batch_size, backbone)
+        TrainConfig.from_dict({k: v for k, v in values.items() if v is not None},
+                              source=args.config)
     flags = {k: v for k, v in vars(args).items()
              if v is not None and k not in ("config", "resume", "model_arg", "loss_weight", "base")}
     if flags.get("pretrained") == "timm":
@@ -112,7 +115,8 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
                                                                           "--model-arg")}
     values["loss_weights"] = {**values.get("loss_weights", {}),
                               **_key_values(args.loss_weight, "--loss-weight")}
-    return TrainConfig.from_dict(values, source=args.config or "the command line")
+    # the file alone passed above, so what fails now came from the flags
+    return TrainConfig.from_dict(values, source="the command line")
 
 
 def build_model(cfg: TrainConfig, class_names: list[str], data=None):
@@ -135,7 +139,9 @@ def build_model(cfg: TrainConfig, class_names: list[str], data=None):
 
 
 def check_model_data(cfg: TrainConfig) -> None:
-    """A VQA model needs questions, and questions need a VQA model."""
+    """A VQA model needs questions, and questions need a VQA model; a generated dataset reads
+    no ``--data-dir``."""
+    check_data_dir(cfg.dataset, cfg.data_dir)
     vqa_models = models_for_task("vqa")
     if model_task(cfg.model) == "vqa" and cfg.dataset not in VQA_DATASETS:
         raise UserError(f"model '{cfg.model}' answers questions about images: train it on "
@@ -153,21 +159,22 @@ def dry_run(model, data, cfg: TrainConfig) -> None:
 
     model.check_training(cfg)
     model.phases(cfg)
-    batch = default_collate([data.train[i] for i in range(min(2, len(data.train)))])
+    given = {k: v for k, v in cfg.model_args.items() if k != "base"}  # --base is not an arg
     was_training = model.training
     try:
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
+        with torch.random.fork_rng(devices=[]), torch.no_grad():  # augmentation draws too
+            batch = default_collate([data.train[i] for i in range(min(2, len(data.train)))])
             model.eval()
             model(*model.inputs(batch))
     except UserError:
         raise
     except (RuntimeError, ValueError, IndexError) as exc:
-        if not cfg.model_args:
+        if not given:
             raise
-        given = " ".join(f"{k}={v}" for k, v in cfg.model_args.items())
+        args = " ".join(f"{k}={v}" for k, v in given.items())
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"model '{cfg.model}' with --model-arg {given} fails on a batch of "
-                        f"{cfg.dataset} ({first}); fix those values") from None
+        raise UserError(f"model '{cfg.model}' fails on a batch of {cfg.dataset} ({first}); "
+                        f"check the --model-arg values ({args})") from None
     finally:
         model.train(was_training)
 
@@ -212,8 +219,8 @@ def main(argv=None) -> int:
     resume = None
     if args.resume:
         run_dir = Path(args.resume)
-        if not (run_dir / "train_config.json").is_file():
-            raise UserError(f"'{run_dir}' is not a run directory (no train_config.json); pass the "
+        if not (run_dir / RUN_CONFIG).is_file():
+            raise UserError(f"'{run_dir}' is not a run directory (no {RUN_CONFIG}); pass the "
                             "--out folder of an earlier train.py run")
         cfg = read_run_config(run_dir)
         _resume_overrides(args, cfg)
@@ -239,8 +246,8 @@ def main(argv=None) -> int:
                       val_fraction=cfg.val_fraction, augment=cfg.augment,
                       cache_dir=cfg.cache_dir, num_train=cfg.num_train, num_test=cfg.num_test)
     if resume:
-        model = protozoo.create_model(resume["model_name"], **{
-            **json.loads(resume["model_config"]), "pretrained": False})
+        model = protozoo.create_model(resume["model_name"], **saved_kwargs(
+            resume["model_name"], {**json.loads(resume["model_config"]), "pretrained": False}))
         model.metadata = json.loads(resume["metadata"])
         protozoo.checkpoint.load_state(model, resume["model"], source=str(run_dir / "train_state.pt"))
     else:
@@ -256,7 +263,7 @@ def main(argv=None) -> int:
             raise UserError(f"cannot create the run folder '{run_dir}' ({exc.strerror}); choose "
                             "a writable --out") from None
         cfg.out = str(run_dir)
-        cfg.save(run_dir / "train_config.json")
+        cfg.save(run_dir / RUN_CONFIG)
         items, classes = (("questions", "answers") if "vocab" in data.extras
                           else ("images", "classes"))
         print(f"training {cfg.model} ({cfg.backbone}) on {cfg.dataset}: {len(data.train)} train / "

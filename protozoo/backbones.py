@@ -355,12 +355,27 @@ def check_stage(stage: int, n_stages: int, name: str = "") -> None:
                         f"exist; choose --stage in [-{n_stages}, {n_stages - 1}] (-1: the last)")
 
 
+def _is_protozoo_checkpoint(path: str) -> bool:
+    """Is ``path`` the weights of a protozoo checkpoint folder (a ``config.json`` beside it with
+    protozoo's keys)? timm's downloads have a ``config.json`` beside ``model.safetensors`` too."""
+    import json
+
+    config = os.path.join(os.path.dirname(path) or ".", "config.json")
+    if not os.path.isfile(config):
+        return False
+    try:
+        with open(config) as fh:
+            values = json.load(fh)
+    except (OSError, ValueError):
+        return False
+    return isinstance(values, dict) and {"format_version", "model", "kwargs"} <= set(values)
+
+
 def _read_state_dict(path: str) -> dict:
     if not os.path.isfile(path):
         raise UserError(f"pretrained weights file '{path}' not found; pass an existing "
                         ".safetensors or .pth file")
-    if os.path.isfile(os.path.join(os.path.dirname(path) or ".", "config.json")) and \
-            os.path.basename(path) == "model.safetensors":
+    if _is_protozoo_checkpoint(path):
         raise UserError(f"'{path}' is a whole protozoo checkpoint, not backbone weights: load it "
                         "with protozoo.load(its folder), or pass a backbone's weights file")
     try:

@@ -93,7 +93,7 @@ def load(run_dir: str | os.PathLike, device: str | torch.device = "cpu"):
     from safetensors.torch import load_file
 
     from .engine import resolve_device
-    from .registry import create_model
+    from .registry import create_model, saved_kwargs
 
     device = resolve_device(str(device))  # an unknown name or a missing GPU: one-line error
     run_dir = Path(run_dir)
@@ -108,7 +108,7 @@ def load(run_dir: str | os.PathLike, device: str | torch.device = "cpu"):
     kwargs = dict(config["kwargs"])
     if "pretrained" in kwargs:
         kwargs["pretrained"] = False  # the weights come from the checkpoint, never the network
-    model = create_model(config["model"], **kwargs)
+    model = create_model(config["model"], **saved_kwargs(config["model"], kwargs))
     model.init_kwargs = {k: v for k, v in config["kwargs"].items() if k != "class_names"}
     model.class_names = list(config["class_names"])
     model.metadata = dict(config.get("metadata") or {})

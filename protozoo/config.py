@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,9 @@ class TrainConfig:
             raise UserError(f"unknown key(s) {', '.join(unknown)} in {source}; valid keys: "
                             f"{', '.join(sorted(known))}")
         values = dict(values)
+        for key in ("loss_weights", "model_args"):  # YAML 1.1 reads "1e-4" as a string
+            if isinstance(values.get(key), dict):
+                values[key] = {k: _yaml_number(v) for k, v in values[key].items()}
         for f in dataclasses.fields(cls):  # a YAML typo ("epochs: ten") fails here, not mid-run
             if f.name not in values:
                 continue
@@ -114,6 +118,15 @@ class TrainConfig:
         from .fileio import atomic_write_text
 
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2))
+
+
+_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _yaml_number(value):
+    """``"1e-4"`` -> 1e-4: YAML 1.1 (PyYAML) reads exponents without a dot as strings."""
+    return float(value) if isinstance(value, str) and _EXPONENT.fullmatch(value.strip()) \
+        else value
 
 
 _TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool, "None": type(None),

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from . import checkpoint
-from .config import TrainConfig, read_config_json
+from .config import RUN_CONFIG, TrainConfig, read_config_json
 from .engine import iterate, resolve_device
 from .errors import UserError
 from .fileio import atomic_write_text
@@ -23,12 +23,14 @@ from .metrics import mean_class_accuracy
 
 def run_config(run_dir: Path, overrides: dict | None = None) -> TrainConfig:
     values = {}
-    path = Path(run_dir) / "train_config.json"
+    path = Path(run_dir) / RUN_CONFIG
     if path.is_file():
         values = read_config_json(path)
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    flags = {k: v for k, v in (overrides or {}).items() if v is not None}
+    TrainConfig.from_dict(flags, source="the command line")  # a bad flag is blamed on the flag
+    values.update(flags)
     if not path.is_file() and (overrides or {}).get("dataset") is None:
-        raise UserError(f"'{run_dir}' has no train_config.json (a checkpoint saved outside "
+        raise UserError(f"'{run_dir}' has no {RUN_CONFIG} (a checkpoint saved outside "
                         "train.py); say which data to use with --dataset [--data-dir]")
     return TrainConfig.from_dict(values, source=str(path) if path.is_file() else "flags")
 

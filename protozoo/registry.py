@@ -105,6 +105,18 @@ def check_model_kwargs(name: str, kwargs: dict) -> None:
             check_type(value, annotation, f"argument '{key}' of model '{name}'")
 
 
+def saved_kwargs(name: str, kwargs: dict) -> dict:
+    """Constructor arguments read back from a checkpoint or resume state, as the model they
+    trained was built. Before arguments were type-checked, ``--model-arg film=False`` was saved
+    as the string "False", which the model read as true; such a value becomes that truth value,
+    so an old run loads as the model its weights belong to."""
+    import inspect
+
+    params = inspect.signature(MODELS.get(name)).parameters
+    return {key: bool(value) if isinstance(value, str) and key in params
+            and params[key].annotation == "bool" else value for key, value in kwargs.items()}
+
+
 def model_task(name: str) -> str:
     """What model ``name`` does with its input: ``"classify"`` images or answer questions about
     them (``"vqa"``), from the family's ``ZooModel.task``."""

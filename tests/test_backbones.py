@@ -199,3 +199,13 @@ def test_pretrained_file_that_is_not_weights_is_user_error(tmp_path):
     protozoo.save(protozoo.create_model("cam", backbone="tiny_cnn", num_classes=2), tmp_path / "r")
     with pytest.raises(UserError, match="is a whole protozoo checkpoint, not backbone weights"):
         create_backbone("tiny_cnn", pretrained=str(tmp_path / "r" / "model.safetensors"))
+    # timm's download folders also hold model.safetensors beside a config.json: those load
+    from safetensors.torch import save_file
+
+    timm_like = tmp_path / "timm"
+    timm_like.mkdir()
+    state = create_backbone("tiny_cnn", stage=-1).body.state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(timm_like / "model.safetensors"))
+    (timm_like / "config.json").write_text('{"architecture": "tiny_cnn", "num_classes": 0}')
+    loaded = create_backbone("tiny_cnn", pretrained=str(timm_like / "model.safetensors"))
+    assert torch.equal(loaded.body.state_dict()["stages.0.0.weight"], state["stages.0.0.weight"])

@@ -288,3 +288,18 @@ def test_atomic_files_get_ordinary_permissions(tmp_path):
         os.umask(old)
     assert (tmp_path / "atomic.txt").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "plain.txt").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_checkpoint_from_before_type_checks_loads_as_it_trained(tmp_path):
+    """``--model-arg coordinates=False`` used to be saved as the string "False", which the model
+    read as true: such a checkpoint loads as the model its weights belong to."""
+    vocab = ["<pad>", "<unk>", "what"]
+    model = protozoo.create_model("san", num_classes=2, vocab=vocab, coordinates=True)
+    protozoo.save(model, tmp_path)
+    config = json.loads((tmp_path / CONFIG).read_text())
+    config["kwargs"]["coordinates"] = "False"  # what the earlier train.py wrote
+    (tmp_path / CONFIG).write_text(json.dumps(config))
+    loaded = protozoo.load(tmp_path)
+    assert loaded.coordinates is True
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value)

@@ -259,5 +259,62 @@ def test_model_argument_that_fails_on_data_is_caught_before_the_run_folder(tmp_p
             "4", "--model-arg", "embed_dim=0", "--out", "run"]
     assert run_cli(train.main, argv) == 2
     line = _one_error_line(capsys.readouterr().err)
-    assert "model 'han' with --model-arg embed_dim=0 fails on a batch of sort-of-clevr" in line
+    assert "model 'han' fails on a batch of sort-of-clevr" in line
+    assert "check the --model-arg values (embed_dim=0)" in line
     assert not (tmp_path / "run").exists()
+
+
+def test_the_dry_run_leaves_training_unchanged(tmp_path, monkeypatch):
+    """The dry run's forward pass (and the augmentation it draws) must not move any number."""
+    monkeypatch.chdir(tmp_path)
+    argv = FAST + ["--epochs", "1", "--augment", "--no-report"]
+    assert train.main(argv + ["--out", "with"]) == 0
+    monkeypatch.setattr(train, "dry_run", lambda *args: None)
+    assert train.main(argv + ["--out", "without"]) == 0
+
+    def records(run):  # every logged number except the wall time
+        return [{k: v for k, v in json.loads(line).items() if k != "time"}
+                for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+
+    assert records("with") == records("without") and len(records("with")) == 1
+
+
+def test_yaml_nulls_and_exponents_and_blame(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    # a null is the default; YAML 1.1 reads 1e-4 as a string, inside mappings too
+    (tmp_path / "ok.yaml").write_text("batch_size:\nloss_weights: {l1: 1e-4}\n"
+                                      "model_args: {extra_conv: 8}\n")
+    cfg = train.resolve_config(train.parse_args(["--config", "ok.yaml", "--model", "cam"]))
+    assert cfg.batch_size == 64 and cfg.loss_weights == {"l1": 1e-4}
+    # a bad flag next to a good file is the flag's fault, not the file's
+    assert run_cli(train.main, FAST + ["--config", "ok.yaml", "--epochs", "0"]) == 2
+    assert "'epochs' in the command line must be >= 1" in _one_error_line(capsys.readouterr().err)
+
+
+def test_resume_may_change_where_it_runs(reference_cam_run, tmp_path, capsys):
+    assert train.main(["--resume", str(reference_cam_run), "--device", "cpu",
+                       "--workers", "0"]) == 0
+    assert "already finished" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def reference_cam_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("camrun") / "run"
+    assert train.main(FAST + ["--epochs", "1", "--no-report", "--out", str(run)]) == 0
+    return run
+
+
+def test_unwritable_out_and_saved_data_dir(reference_cam_run, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("x")
+    assert run_cli(train.main, FAST + ["--out", "afile/run"]) == 2
+    assert "cannot create the run folder 'afile/run'" in _one_error_line(capsys.readouterr().err)
+    # a saved config that carries a data_dir for a generated dataset (older train.py saved
+    # it) still evaluates: the check is on what the user types
+    config = json.loads((reference_cam_run / "train_config.json").read_text())
+    (reference_cam_run / "train_config.json").write_text(json.dumps({**config,
+                                                                     "data_dir": "ignored"}))
+    assert run_cli(evaluate.main, [str(reference_cam_run), "--no-report"]) == 0
+    assert run_cli(evaluate.main, [str(reference_cam_run), "--batch-size", "0"]) == 2
+    assert "'batch_size' in the command line must be >= 1" in \
+        _one_error_line(capsys.readouterr().err)

@@ -380,3 +380,19 @@ def test_synthetic_bundle_reads_back_ground_truth(tmp_path):
         x0, y0, x1, y1 = item["box"].tolist()
         assert x0 <= xs.min() and xs.max() < x1 and y0 <= ys.min() and ys.max() < y1
     assert bundle.extras["meta"]["params"]["num_train"] == 30
+
+
+@pytest.mark.parametrize("name", ["digits", "clevr"])
+def test_image_size_must_be_positive_for_every_dataset(tmp_path, name):
+    # checked before any loader runs: CLEVR's error used to blame the first image
+    with pytest.raises(DataError, match="image_size=0 must be a positive number of pixels"):
+        build_data(name, data_dir=tmp_path, image_size=0)
+
+
+def test_check_data_dir_names_generated_datasets():
+    from protozoo.data import check_data_dir
+
+    check_data_dir("clevr", "CLEVR_v1.0")
+    check_data_dir("sort-of-clevr", None)
+    with pytest.raises(DataError, match="'sort-of-clevr' is generated .* use --dataset clevr"):
+        check_data_dir("sort-of-clevr", "CLEVR_v1.0")

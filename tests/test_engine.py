@@ -92,7 +92,8 @@ def test_resume_refuses_a_damaged_or_foreign_state(reference_run, tmp_path, caps
     from protozoo.errors import run_cli
 
     for name, damage in [("damaged", lambda p: p.write_bytes(b"half a file")),
-                         ("foreign", None)]:
+                         ("foreign", None),
+                         ("not a state", lambda p: torch.save({"weights": torch.zeros(1)}, p))]:
         run = tmp_path / name
         shutil.copytree(reference_run, run)
         state = run / "train_state.pt"
@@ -105,8 +106,10 @@ def test_resume_refuses_a_damaged_or_foreign_state(reference_run, tmp_path, caps
         assert run_cli(train.main, ["--resume", str(run)]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and err.startswith("error: ")
-        assert ("is not a readable torch file" in err if damage else
-                "holds the state of a 'protopnet' model but its train_config.json says" in err)
+        expected = {"damaged": "is not a readable torch file",
+                    "foreign": "holds the state of a 'protopnet' model but its train_config.json",
+                    "not a state": "is not a train.py resume state"}[name]
+        assert expected in err
         assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
 
 

@@ -47,7 +47,7 @@ SYNTHETIC_DEFAULTS = {"num_classes": 5, "num_train": 3000, "num_test": 1000}
 SYNTHETIC_DATA_SEED = 0
 
 __all__ = [
-    "DATASETS", "VQA_DATASETS", "READS_DATA_DIR", "DataBundle", "build_data", "denormalize", "stratified_split", "ImageDataset",
+    "DATASETS", "VQA_DATASETS", "READS_DATA_DIR", "check_data_dir", "DataBundle", "build_data", "denormalize", "stratified_split", "ImageDataset",
     "ImageFolderDataset", "load_split_folder", "CUBDataset", "DigitsDataset",
     "generate_synthetic_parts", "ensure_synthetic_parts",
 ]
@@ -85,7 +85,11 @@ def _check_name(name: str) -> None:
         raise DataError(f"unknown dataset '{name}': choose one of {', '.join(DATASETS)}")
 
 
-def _check_data_dir(name: str, data_dir) -> None:
+def check_data_dir(name: str, data_dir) -> None:
+    """A ``--data-dir`` given for a dataset that does not read one is a mistake worth saying (a
+    CLEVR folder passed with ``--dataset sort-of-clevr`` would be silently replaced by generated
+    scenes). Checked on what the user gives (train.py), not on saved configs, which may carry
+    a ``data_dir`` from before this check."""
     if data_dir is not None and name not in READS_DATA_DIR:
         hint = ("; for a CLEVR download use --dataset clevr" if name == "sort-of-clevr" else
                 "; for your own images use --dataset folder")
@@ -243,7 +247,6 @@ def build_data(name: str, *, data_dir=None, image_size=None, mean=(0.5,) * 3, st
     encodes the questions instead of the vocabulary built from the training questions.
     """
     _check_name(name)
-    _check_data_dir(name, data_dir)
     _check_fraction(val_fraction)
     size = int(image_size) if image_size is not None else DEFAULT_IMAGE_SIZE[name]
     _check_image_size(size)

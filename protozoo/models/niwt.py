@@ -61,7 +61,7 @@ from .. import zeroshot as zs
 from ..config import Phase, TrainConfig
 from ..errors import UserError
 from ..outputs import ModelOutput
-from ..registry import create_model, register_model
+from ..registry import create_model, register_model, saved_kwargs
 from .base import ZooModel
 
 
@@ -122,7 +122,7 @@ class NIWT(ZooModel):
         """
         super().__init__()
         kwargs = {k: v for k, v in (base_kwargs or {}).items() if k != "pretrained"}
-        self.base = create_model(base_model, **kwargs)
+        self.base = create_model(base_model, **saved_kwargs(base_model, kwargs))
         unseen = list(unseen_classes or [])
         if not unseen or not attribute_names:
             raise UserError("model 'niwt' needs unseen_classes and attribute_names; build it "
