@@ -142,13 +142,13 @@ def check_model_data(cfg: TrainConfig) -> None:
     """A VQA model needs questions, and questions need a VQA model; a generated dataset reads
     no ``--data-dir``."""
     check_data_dir(cfg.dataset, cfg.data_dir)
-    vqa_models = models_for_task("vqa")
-    if model_task(cfg.model) == "vqa" and cfg.dataset not in VQA_DATASETS:
+    vqa_model, vqa_data = model_task(cfg.model) == "vqa", cfg.dataset in VQA_DATASETS
+    if vqa_model and not vqa_data:
         raise UserError(f"model '{cfg.model}' answers questions about images: train it on "
                         f"--dataset {' or '.join(VQA_DATASETS)}")
-    if cfg.dataset in VQA_DATASETS and model_task(cfg.model) != "vqa":
+    if vqa_data and not vqa_model:
         raise UserError(f"dataset '{cfg.dataset}' holds questions about images: train a VQA "
-                        f"model on it (--model {', '.join(vqa_models)})")
+                        f"model on it (--model {', '.join(models_for_task('vqa'))})")
 
 
 def dry_run(model, data, cfg: TrainConfig) -> None:

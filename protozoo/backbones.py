@@ -89,10 +89,11 @@ class Backbone(nn.Module):
         if not x.is_floating_point():
             raise UserError(f"expected float images, got {x.dtype}; convert and normalise them "
                             "first (x.float() / 255, then the model's mean/std)")
-        weight = next(self.body.parameters(), None)
-        if weight is not None and x.dtype == torch.float64 and weight.dtype != torch.float64:
-            raise UserError(f"images are float64 but the model's weights are {weight.dtype}; "
-                            "convert the batch with x.float()")
+        if x.dtype == torch.float64:
+            weight = next(self.body.parameters(), None)
+            if weight is not None and weight.dtype != torch.float64:
+                raise UserError(f"images are float64 but the model's weights are "
+                                f"{weight.dtype}; convert the batch with x.float()")
         if x.shape[1] != self.in_chans:
             raise UserError(f"expected {self.in_chans}-channel images, got {x.shape[1]} channels; "
                             "convert grayscale/RGBA images to RGB first (PIL: img.convert('RGB'))")
@@ -355,27 +356,13 @@ def check_stage(stage: int, n_stages: int, name: str = "") -> None:
                         f"exist; choose --stage in [-{n_stages}, {n_stages - 1}] (-1: the last)")
 
 
-def _is_protozoo_checkpoint(path: str) -> bool:
-    """Is ``path`` the weights of a protozoo checkpoint folder (a ``config.json`` beside it with
-    protozoo's keys)? timm's downloads have a ``config.json`` beside ``model.safetensors`` too."""
-    import json
-
-    config = os.path.join(os.path.dirname(path) or ".", "config.json")
-    if not os.path.isfile(config):
-        return False
-    try:
-        with open(config) as fh:
-            values = json.load(fh)
-    except (OSError, ValueError):
-        return False
-    return isinstance(values, dict) and {"format_version", "model", "kwargs"} <= set(values)
-
-
 def _read_state_dict(path: str) -> dict:
     if not os.path.isfile(path):
         raise UserError(f"pretrained weights file '{path}' not found; pass an existing "
                         ".safetensors or .pth file")
-    if _is_protozoo_checkpoint(path):
+    from .checkpoint import is_checkpoint_weights
+
+    if is_checkpoint_weights(path):
         raise UserError(f"'{path}' is a whole protozoo checkpoint, not backbone weights: load it "
                         "with protozoo.load(its folder), or pass a backbone's weights file")
     try:

@@ -62,6 +62,21 @@ def save(model, run_dir: str | os.PathLike, image_size: int | None = None) -> Pa
     return run_dir
 
 
+REQUIRED_KEYS = ("model", "kwargs", "class_names")  # what rebuilds the model
+
+
+def is_checkpoint_weights(path: str | os.PathLike) -> bool:
+    """Is ``path`` the weights file of a protozoo checkpoint folder (a ``config.json`` beside it
+    with protozoo's keys)? timm's downloads also keep a ``config.json`` beside
+    ``model.safetensors``, so the name alone does not tell."""
+    config = Path(path).parent / CONFIG
+    try:
+        values = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(values, dict) and {"format_version", *REQUIRED_KEYS} <= set(values)
+
+
 def read_config(run_dir: str | os.PathLike) -> dict:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -76,8 +91,7 @@ def read_config(run_dir: str | os.PathLike) -> dict:
     except json.JSONDecodeError:
         raise CheckpointError(f"'{path}' is not valid JSON; restore it from the run or re-save "
                               "the model") from None
-    missing = [k for k in ("model", "kwargs", "class_names")
-               if not isinstance(config, dict) or k not in config]
+    missing = [k for k in REQUIRED_KEYS if not isinstance(config, dict) or k not in config]
     if missing:
         raise CheckpointError(f"'{path}' lacks {', '.join(missing)}: it is not a protozoo "
                               "checkpoint config (or was edited); restore it or re-save the model")

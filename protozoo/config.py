@@ -92,9 +92,9 @@ class TrainConfig:
         return config
 
     # (field, lowest allowed value, inclusive?) for the numbers a run cannot work without
+    # (the image size is checked once, by build_data, which every entry point goes through)
     _LIMITS = (("epochs", 1, True), ("batch_size", 1, True), ("lr", 0, False),
-               ("weight_decay", 0, True), ("workers", 0, True), ("num_classes", 1, True),
-               ("image_size", 1, True))
+               ("weight_decay", 0, True), ("workers", 0, True), ("num_classes", 1, True))
     AMP = ("auto", "off", "bf16", "fp16")
 
     def check(self, source: str = "config") -> None:

@@ -128,7 +128,7 @@ def model_task(name: str) -> str:
 def models_for_task(task: str) -> list[str]:
     from . import models  # noqa: F401
 
-    return [n for n in MODELS.names() if getattr(MODELS.get(n), "task", "classify") == task]
+    return [n for n in MODELS.names() if model_task(n) == task]
 
 
 def _constructor_defaults(name: str) -> dict:

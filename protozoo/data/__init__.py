@@ -47,9 +47,9 @@ SYNTHETIC_DEFAULTS = {"num_classes": 5, "num_train": 3000, "num_test": 1000}
 SYNTHETIC_DATA_SEED = 0
 
 __all__ = [
-    "DATASETS", "VQA_DATASETS", "READS_DATA_DIR", "check_data_dir", "DataBundle", "build_data", "denormalize", "stratified_split", "ImageDataset",
-    "ImageFolderDataset", "load_split_folder", "CUBDataset", "DigitsDataset",
-    "generate_synthetic_parts", "ensure_synthetic_parts",
+    "DATASETS", "VQA_DATASETS", "READS_DATA_DIR", "check_data_dir", "DataBundle", "build_data",
+    "denormalize", "stratified_split", "ImageDataset", "ImageFolderDataset", "load_split_folder",
+    "CUBDataset", "DigitsDataset", "generate_synthetic_parts", "ensure_synthetic_parts",
 ]
 
 

@@ -161,13 +161,13 @@ class VQAModel(ZooModel):
     def image_features(self, image: torch.Tensor, image_index: torch.Tensor | None,
                        question: torch.Tensor):
         """The backbone's map of every question's image ``[B, C, h, w]``: each distinct image
-        runs through the CNN once, then ``image_index`` gathers it for its questions. Checks
-        the images against the questions first (one-line errors; the backbone checks the images
-        themselves, :meth:`encode` a malformed ``question``)."""
-        self.backbone.check_input(image)  # "add a batch dimension" before "3 images for 1"
+        runs through the CNN once, then ``image_index`` gathers it for its questions. One-line
+        errors: the backbone checks the images themselves (so a missing batch dimension is
+        named before any count), then the images are checked against the questions
+        (:meth:`encode` checks a malformed ``question``)."""
+        features = self.backbone(image)
         if torch.is_tensor(question) and question.ndim == 2:
             self._check_image_index(len(image), image_index, len(question))
-        features = self.backbone(image)
         return features if image_index is None else features[image_index]
 
     @staticmethod
