@@ -167,14 +167,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# A rank of this 2-process gloo run on CPU sometimes aborts inside the runtime between epochs,
+# with nothing from Python: "terminate called without an active exception" on stderr (seen
+# 2026-12-02 in 5 of ~85 launches, also with the dry run's forward pass left out; not understood).
+# Such a launch is retried once, in a fresh folder; any other failure fails the test at once.
+RUNTIME_ABORT = "terminate called without an active exception"
+
+
 def test_ddp_on_cpu_writes_one_complete_run(tmp_path):
     # No --out: every process must agree on the time-stamped default folder.
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           f"--master_port={_free_port()}", str(ROOT / "train.py"), "--dataset", "digits",
-           "--model", "cam", "--backbone", "tiny_cnn", "--num-train", "200", "--num-test", "60",
-           "--epochs", "2", "--device", "cpu"]
-    result = subprocess.run(cmd, cwd=tmp_path, env=subprocess_env(OMP_NUM_THREADS="1"),
-                            capture_output=True, text=True, timeout=300)
+    for attempt in range(2):
+        workdir = tmp_path / f"attempt{attempt}"
+        workdir.mkdir()
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+               f"--master_port={_free_port()}", str(ROOT / "train.py"), "--dataset", "digits",
+               "--model", "cam", "--backbone", "tiny_cnn", "--num-train", "200", "--num-test",
+               "60", "--epochs", "2", "--device", "cpu"]
+        result = subprocess.run(cmd, cwd=workdir, env=subprocess_env(OMP_NUM_THREADS="1"),
+                                capture_output=True, text=True, timeout=300)
+        if result.returncode == 0 or RUNTIME_ABORT not in result.stderr:
+            break
+    tmp_path = workdir
     assert result.returncode == 0, result.stderr[-3000:]
     assert [p.name for p in tmp_path.iterdir()] == ["runs"]
     runs = list((tmp_path / "runs").iterdir())
