@@ -313,6 +313,7 @@ def test_sort_of_clevr_bundle(generated):
         q = sc.Question.from_program(test.program(i))
         assert words.decode(item["question"]) == " ".join(tokenize(q.text))
         assert item["question_length"] == len(tokenize(q.text))
+        assert item["question_kind"] == q.subtype
         assert test.class_names[item["label"]] == sc.answer(scene, q)
         owner = sc.render(scene).owner
         expected = np.isin(owner, [k + 1 for k in sc.relevant_objects(scene, q)])
@@ -343,8 +344,12 @@ def test_perturbed_dataset(generated):
 
 
 # -- real CLEVR layout ------------------------------------------------------------------------
-_PROGRAM = [{"inputs": [], "function": "scene", "value_inputs": []},
-            {"inputs": [0], "function": "count", "value_inputs": []}]
+def _program(text: str) -> list[dict]:
+    """A CLEVR functional program ending as the question's type would."""
+    last = {"How": "count", "What": f"query_{text.split()[1]}", "Is": "equal_color",
+            "Are": "greater_than"}
+    return [{"inputs": [], "function": "scene", "value_inputs": []},
+            {"inputs": [0], "function": last[text.split()[0]], "value_inputs": []}]
 
 
 def _clevr_tree(root: Path, with_val=True) -> Path:
@@ -369,7 +374,7 @@ def _clevr_tree(root: Path, with_val=True) -> Path:
             for text, ans in texts[split][i:] + texts[split][:i]:  # every image, all questions
                 entry = {"image_index": i, "split": split, "image_filename": name,
                          "question_index": len(questions), "question": text,
-                         "question_family_index": 3, "program": _PROGRAM}
+                         "question_family_index": 3, "program": _program(text)}
                 if ans is not None:
                     entry["answer"] = ans
                 questions.append(entry)
@@ -414,6 +419,14 @@ def test_clevr_loader(tmp_path):
     metrics = evaluate_run(tmp_path / "run", model=model, data=bundle, device="cpu",
                            report=False, overrides={"dataset": "clevr"})
     assert metrics["unknown_test_words"] == bundle.extras["unknown_words"]["test"] > 0
+    # accuracy by CLEVR's question types, named from each program's last function: the val
+    # split asks two count questions ("How many") and two colour comparisons ("Is the ...")
+    assert [bundle.test[i]["question_kind"] for i in range(4)] == \
+        ["count", "compare_attribute", "compare_attribute", "count"]
+    kinds = {k: v for k, v in metrics.items() if k.startswith("accuracy_kind_")}
+    assert set(kinds) == {"accuracy_kind_count", "accuracy_kind_compare_attribute"}
+    assert (kinds["accuracy_kind_count"] + kinds["accuracy_kind_compare_attribute"]) / 2 == \
+        pytest.approx(metrics["accuracy"])
     assert bundle.test.scene(0)["objects"][0]["shape"] == "cube"
     assert bundle.train.scene(0) is None  # no training scenes file: scenes are optional
     raw = bundle.train.raw_image(bundle.train.paths.index(str(root / "images" / "train" /

@@ -694,10 +694,17 @@ def test_explanation_metrics_per_question_type_and_mask():
     preds = out.logits.argmax(1)
     labels = torch.stack([preds[0], (preds[1] + 1) % 3, preds[2], (preds[3] + 1) % 3])
     batch = {"label": labels, "question_type": torch.tensor([0, 0, 1, 0]),
+             "question_kind": ["shape", "left", "count", "shape"],
              "mask": torch.ones(4, 1, 75, 75)}
     m = model.explanation_metrics(out, batch)
     assert m["accuracy_non_relational"].tolist() == [1.0, 0.0, 0.0]
     assert m["accuracy_relational"].tolist() == [1.0]
+    assert m["accuracy_kind_shape"].tolist() == [1.0, 0.0]  # questions 0 and 3
+    assert m["accuracy_kind_left"].tolist() == [0.0]
+    assert m["accuracy_kind_count"].tolist() == [1.0]
+    batch["question_kind"] = ["", "", "", "count"]  # a question without a kind is in none
+    assert [k for k in model.explanation_metrics(out, batch) if "kind" in k] == \
+        ["accuracy_kind_count"]
     # every cell is covered, so the mass on objects is the attention's whole mass: 1
     assert m["attention_mass_on_objects"].tolist() == pytest.approx([1.0] * 4)
     assert m["attention_mass_uniform"].tolist() == pytest.approx([1.0] * 4)

@@ -13,7 +13,8 @@ Splits: ``train`` is the training split; the evaluation split is ``val`` when th
 
 Optional fields we read when present: ``question_type`` ("non-relational"/"relational"; else -1),
 ``relevant_objects`` (object indices the answer depends on; with ``masks/`` they give each
-question's ``mask``) and ``program`` (kept as it is, e.g. for perturbations).
+question's ``mask``) and ``program`` (kept as it is, e.g. for perturbations; it also names the
+question's kind, :func:`question_kind`, by which evaluation breaks accuracy down).
 
 Why a question table over an image store: many questions share one image (20 per Sort-of-CLEVR
 scene, about 10 per CLEVR image), so the pixels are decoded once (:class:`ImageStore`, lazily
@@ -106,6 +107,30 @@ def _check_entry(e, n: int, path: Path) -> None:
                         "of object indices (0..253)")
 
 
+# CLEVR's question types as Johnson et al. (CVPR 2017, Fig. 3) report accuracy by them, from the
+# program's last function
+_CLEVR_KINDS = {"count": "count", "exist": "exist", "equal_integer": "compare_integer",
+                "less_than": "compare_integer", "greater_than": "compare_integer",
+                **{f"query_{a}": "query_attribute" for a in ("size", "color", "material", "shape")},
+                **{f"equal_{a}": "compare_attribute"
+                   for a in ("size", "color", "material", "shape")}}
+
+
+def question_kind(program) -> str:
+    """The kind of question a stored ``program`` asks ("" when it names none): a Sort-of-CLEVR
+    program's ``subtype`` ("shape", "closest", "count", ...), or for a CLEVR functional program
+    (a list of ``{"function": ...}`` nodes; ``"type"`` in some releases) its question type by
+    the last function: count, exist, compare_integer, query_attribute, compare_attribute."""
+    if isinstance(program, dict):
+        kind = program.get("subtype")
+        return kind if isinstance(kind, str) else ""
+    if isinstance(program, list) and program and isinstance(program[-1], dict):
+        last = program[-1].get("function", program[-1].get("type"))
+        if isinstance(last, str):
+            return _CLEVR_KINDS.get(last, last)
+    return ""
+
+
 def training_answers(entries: list[dict]) -> list[str]:
     return sorted({str(e["answer"]) for e in entries})
 
@@ -122,6 +147,7 @@ class QuestionTable:
     types: np.ndarray  # int64 [Q], 0/1 or -1
     texts: list  # question text
     programs: list  # structured form as stored (or None)
+    kinds: list  # question_kind(program): "" when the program names none
     relevant: list  # tuple of object indices (or None)
 
 
@@ -143,8 +169,9 @@ def make_table(entries: list[dict], image_of: list[int], answers: list[str], voc
                       else UNKNOWN_TYPE for e in entries], dtype=np.int64)
     relevant = [None if e.get("relevant_objects") is None else tuple(e["relevant_objects"])
                 for e in entries]
+    programs = [e.get("program") for e in entries]
     table = QuestionTable(np.asarray(image_of, dtype=np.int64), tokens, lengths, labels, types,
-                          texts, [e.get("program") for e in entries], relevant)
+                          texts, programs, [question_kind(p) for p in programs], relevant)
     return table, unknown_count
 
 
@@ -166,7 +193,8 @@ class VQADataset(Dataset):
     Item: ``image`` float32 [3, S, S] normalised, ``label`` (answer index into
     ``class_names``), ``index``, ``path`` (image file), ``question`` int64 [L] padded with
     ``PAD_ID``, ``question_length``,
-    ``question_type`` (0 non-relational, 1 relational, -1 unknown) and, when the data has
+    ``question_type`` (0 non-relational, 1 relational, -1 unknown), ``question_kind``
+(:func:`question_kind`, "" for none) and, when the data has
     ownership masks and relevant objects, ``mask`` float32 [1, S, S] (union of the relevant
     objects' masks). Views (:meth:`subset`) share the store and the table.
     """
@@ -283,6 +311,7 @@ class VQADataset(Dataset):
             "question": torch.from_numpy(self._table.tokens[q]).long(),
             "question_length": int(self._table.lengths[q]),
             "question_type": int(self._table.types[q]),
+            "question_kind": self._table.kinds[q],
         }
         if self._owners is not None:
             item["mask"] = torch.from_numpy(self._lut[q][self._owners[j]][None]).float()

@@ -251,9 +251,12 @@ class VQAModel(ZooModel):
         return torch.zeros(len(output.logits), dtype=torch.long, device=output.logits.device)
 
     def explanation_metrics(self, output: VQAOutput, batch: dict) -> dict[str, torch.Tensor]:
-        """Accuracy per question type (over that subset only), the last hop's attention against
-        the answer's objects (``batch["mask"]``, when the data has masks), and the reasoning
-        cost (``cells_kept_fraction``, ``reasoning_pairs``) where there is a relation module."""
+        """Accuracy per question type and per question kind (``accuracy_kind_<kind>``, e.g.
+        ``accuracy_kind_closest``; kinds as the data's programs name them, see
+        :func:`protozoo.data.clevr.question_kind`), each over that subset only; the last hop's
+        attention against the answer's objects (``batch["mask"]``, when the data has masks);
+        and the reasoning cost (``cells_kept_fraction``, ``reasoning_pairs``) where there is a
+        relation module."""
         out: dict[str, torch.Tensor] = {}
         correct = (output.logits.argmax(1) == batch["label"]).float()
         qtype = batch.get("question_type")
@@ -262,6 +265,10 @@ class VQAModel(ZooModel):
                 subset = qtype == value
                 if bool(subset.any()):  # an empty subset would count 0 of 0 images
                     out[name] = correct[subset]
+        kinds = batch.get("question_kind") or []
+        for kind in sorted(set(kinds) - {""}):
+            subset = torch.tensor([k == kind for k in kinds], device=correct.device)
+            out[f"accuracy_kind_{kind}"] = correct[subset]
         if "mask" in batch:
             attention = output.attention[:, -1]
             coverage = cell_coverage(batch["mask"], tuple(attention.shape[-2:]))
