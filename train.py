@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -271,6 +272,18 @@ def main(argv=None) -> int:
               f"{classes}, device {dist.device}, run {run_dir}", flush=True)
 
     Trainer(cfg, model, data, run_dir, dist).fit(resume)
+    if dist.enabled:  # leave the group together; rank 0 alone evaluates
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+        if not dist.is_main:
+            # Its work is done and written by rank 0. Skip the interpreter's teardown: there,
+            # now and then, a rank aborted inside the runtime ("terminate called without an
+            # active exception", no Python frame left; 2 of 75 two-process CPU launches on
+            # 2026-12-02, with and without the barrier), and torchrun then killed rank 0
+            # in the middle of its evaluation.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
 
     if cfg.report and dist.is_main:
         from protozoo.evaluation import evaluate_run
@@ -279,8 +292,6 @@ def main(argv=None) -> int:
         print("test: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()
                                    if isinstance(v, float)))
         print(f"report: {run_dir / 'report' / 'index.html'}")
-    if dist.enabled:
-        torch.distributed.destroy_process_group()
     return 0
 
 

@@ -167,10 +167,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-# A rank of this 2-process gloo run on CPU sometimes aborts inside the runtime between epochs,
-# with nothing from Python: "terminate called without an active exception" on stderr (seen
-# 2026-12-02 in 5 of ~85 launches, also with the dry run's forward pass left out; not understood).
-# Such a launch is retried once, in a fresh folder; any other failure fails the test at once.
+# A rank of a 2-process gloo run on CPU used to abort now and then while its interpreter shut
+# down ("terminate called without an active exception", no Python frame left; 2 of 75 launches
+# on 2026-12-02), and torchrun then killed rank 0 mid-evaluation. train.py now leaves the group
+# together and skips the other ranks' teardown (os._exit). In case the runtime finds another
+# place to abort, such a launch is retried once, in a fresh folder; any other failure fails the
+# test at once.
 RUNTIME_ABORT = "terminate called without an active exception"
 
 
