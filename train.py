@@ -153,9 +153,9 @@ def check_model_data(cfg: TrainConfig) -> None:
 
 
 def dry_run(model, data, cfg: TrainConfig) -> None:
-    """The schedule and one forward pass on two training items, before the run folder is
-    written: a model argument that cannot work (``embed_dim=0``) then fails with a one-line
-    error instead of leaving a half-written run. The RNG is restored, so training is unchanged."""
+    """The schedule, one forward pass and its loss on two training items, before the run folder
+    is written: a model argument that cannot work (``embed_dim=0``, or a loss the data cannot
+    feed) then fails with a one-line error instead of leaving a half-written run. The RNG is restored, so training is unchanged."""
     from torch.utils.data import default_collate
 
     model.check_training(cfg)
@@ -166,7 +166,7 @@ def dry_run(model, data, cfg: TrainConfig) -> None:
         with torch.random.fork_rng(devices=[]), torch.no_grad():  # augmentation draws too
             batch = default_collate([data.train[i] for i in range(min(2, len(data.train)))])
             model.eval()
-            model(*model.inputs(batch))
+            model.objective(model(*model.inputs(batch)), batch)  # what the loss needs, too
     except UserError:
         raise
     except (RuntimeError, ValueError, IndexError) as exc:

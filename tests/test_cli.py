@@ -264,6 +264,24 @@ def test_model_argument_that_fails_on_data_is_caught_before_the_run_folder(tmp_p
     assert not (tmp_path / "run").exists()
 
 
+def test_a_loss_the_data_cannot_feed_is_caught_before_the_run_folder(tmp_path, monkeypatch,
+                                                                     capsys):
+    # han's objectness loss needs the objects' masks: Sort-of-CLEVR's files read as plain
+    # CLEVR without their masks/ folder have none
+    import shutil
+
+    from protozoo.data.sort_of_clevr import ensure_sort_of_clevr
+
+    monkeypatch.chdir(tmp_path)
+    root = ensure_sort_of_clevr(tmp_path / "cache", num_train=12, num_test=4)
+    shutil.rmtree(root / "masks")
+    argv = ["--model", "han", "--dataset", "clevr", "--data-dir", str(root), "--model-arg",
+            "objectness=1", "--out", "run"]
+    assert run_cli(train.main, argv) == 2
+    assert "objectness needs the objects' masks" in _one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()
+
+
 def test_the_dry_run_leaves_training_unchanged(tmp_path, monkeypatch):
     """The dry run's forward pass (and the augmentation it draws) must not move any number."""
     monkeypatch.chdir(tmp_path)

@@ -318,6 +318,7 @@ def test_sort_of_clevr_bundle(generated):
         owner = sc.render(scene).owner
         expected = np.isin(owner, [k + 1 for k in sc.relevant_objects(scene, q)])
         assert np.array_equal(item["mask"][0].numpy() == 1, expected)
+        assert np.array_equal(item["owner"].numpy(), owner)  # every object, for objectness
         assert np.array_equal(test.raw_image(i), sc.render(scene).image)
     with pytest.raises(DataError, match="augmentation"):
         build_data("sort-of-clevr", cache_dir=cache, num_train=8, num_test=4, augment=True)

@@ -536,6 +536,39 @@ def test_han_glimpse_is_a_training_signal_the_answer_never_reads():
     assert set(plain.objective(out, {"label": labels})) == {"loss", "cross_entropy"}
 
 
+def test_object_centre_cells_by_hand():
+    from protozoo.models.hard_attention import object_centre_cells
+
+    owner = torch.zeros(2, 10, 10, dtype=torch.uint8)  # a 5x5 grid of 2-px tiles
+    owner[0, 0:2, 0:2] = 1  # centre (1, 1): cell (0, 0)
+    owner[0, 6:9, 7:10] = 2  # centre (7.5, 8.5): cell (3, 4)
+    owner[1, 4:6, 4:6] = 3  # only object 2 in image 1, centre (5, 5): cell (2, 2)
+    target = object_centre_cells(owner, (5, 5)).view(2, 5, 5)
+    assert target[0].nonzero().tolist() == [[0, 0], [3, 4]]
+    assert target[1].nonzero().tolist() == [[2, 2]]
+
+
+def test_han_objectness_loss_is_cross_entropy_over_centre_cells():
+    """``objectness=w`` adds ``w * mean_b -sum_i t_i log softmax(presence)_i`` with ``t`` uniform
+    over the cells that hold an object's centre; data without ownership maps is a UserError."""
+    image, question, lengths = random_batch(b=2)
+    labels = torch.tensor([0, 1])
+    owner = torch.zeros(2, 75, 75, dtype=torch.uint8)
+    owner[:, 0:10, 0:10] = 1  # centre in cell (0, 0) of the 5x5 grid (15-px tiles)
+    owner[0, 31:41, 60:70] = 2  # centre (36, 65): cell (2, 4), image 0 only
+    model = make("han", g_dim=32, f_dim=32, glimpse=0.0, objectness=0.5)
+    out = model(image, question, lengths)
+    terms = model.objective(out, {"label": labels, "owner": owner})
+    logp = torch.log_softmax(out.scores.flatten(1), dim=1)
+    expected = (-(logp[0, 0] + logp[0, 2 * 5 + 4]) / 2 - logp[1, 0]) / 2
+    assert torch.allclose(terms["objectness"], expected)
+    assert torch.allclose(terms["loss"], F.cross_entropy(out.logits, labels) + 0.5 * expected)
+    terms["objectness"].backward()  # the presence of every cell learns from it
+    assert model.embed.conv.weight.grad.abs().sum() > 0
+    with pytest.raises(UserError, match="objectness needs the objects' masks"):
+        model.objective(out, {"label": labels})
+
+
 def test_default_schedule_for_builtin_and_other_data():
     from protozoo.config import TrainConfig
 

@@ -194,9 +194,10 @@ class VQADataset(Dataset):
     ``class_names``), ``index``, ``path`` (image file), ``question`` int64 [L] padded with
     ``PAD_ID``, ``question_length``,
     ``question_type`` (0 non-relational, 1 relational, -1 unknown), ``question_kind``
-(:func:`question_kind`, "" for none) and, when the data has
-    ownership masks and relevant objects, ``mask`` float32 [1, S, S] (union of the relevant
-    objects' masks). Views (:meth:`subset`) share the store and the table.
+    (:func:`question_kind`, "" for none) and, when the data has ownership masks and relevant
+    objects, ``mask`` float32 [1, S, S] (union of the relevant objects' masks) and ``owner``
+    uint8 [S, S] (the image's ownership map: 0 background, k+1 object k). Views
+    (:meth:`subset`) share the store and the table.
     """
 
     def __init__(self, store: ImageStore, table: QuestionTable, answers, vocab: Vocabulary, *,
@@ -315,6 +316,7 @@ class VQADataset(Dataset):
         }
         if self._owners is not None:
             item["mask"] = torch.from_numpy(self._lut[q][self._owners[j]][None]).float()
+            item["owner"] = torch.from_numpy(self._owners[j])  # uint8 [S, S]: 0 or k+1
         return item
 
 
