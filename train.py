@@ -155,7 +155,8 @@ def check_model_data(cfg: TrainConfig) -> None:
 def dry_run(model, data, cfg: TrainConfig) -> None:
     """The schedule, one forward pass and its loss on two training items, before the run folder
     is written: a model argument that cannot work (``embed_dim=0``, or a loss the data cannot
-    feed) then fails with a one-line error instead of leaving a half-written run. The RNG is restored, so training is unchanged."""
+    feed) then fails with a one-line error instead of leaving a half-written run. The RNG is
+    restored, so training is unchanged."""
     from torch.utils.data import default_collate
 
     model.check_training(cfg)
@@ -278,9 +279,9 @@ def main(argv=None) -> int:
         if not dist.is_main:
             # Its work is done and written by rank 0. Skip the interpreter's teardown: there,
             # now and then, a rank aborted inside the runtime ("terminate called without an
-            # active exception", no Python frame left; 2 of 75 two-process CPU launches on
-            # 2026-12-02, with and without the barrier), and torchrun then killed rank 0
-            # in the middle of its evaluation.
+            # active exception", no Python frame left; two-process CPU launches on 2026-12-02:
+            # 1 of 30 without the barrier, 1 of 45 with it, 0 of 45 with os._exit), and
+            # torchrun then killed rank 0 in the middle of its evaluation.
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(0)
