@@ -147,7 +147,6 @@ class QuestionTable:
     types: np.ndarray  # int64 [Q], 0/1 or -1
     texts: list  # question text
     programs: list  # structured form as stored (or None)
-    kinds: list  # question_kind(program): "" when the program names none
     relevant: list  # tuple of object indices (or None)
 
 
@@ -169,9 +168,8 @@ def make_table(entries: list[dict], image_of: list[int], answers: list[str], voc
                       else UNKNOWN_TYPE for e in entries], dtype=np.int64)
     relevant = [None if e.get("relevant_objects") is None else tuple(e["relevant_objects"])
                 for e in entries]
-    programs = [e.get("program") for e in entries]
     table = QuestionTable(np.asarray(image_of, dtype=np.int64), tokens, lengths, labels, types,
-                          texts, programs, [question_kind(p) for p in programs], relevant)
+                          texts, [e.get("program") for e in entries], relevant)
     return table, unknown_count
 
 
@@ -312,7 +310,7 @@ class VQADataset(Dataset):
             "question": torch.from_numpy(self._table.tokens[q]).long(),
             "question_length": int(self._table.lengths[q]),
             "question_type": int(self._table.types[q]),
-            "question_kind": self._table.kinds[q],
+            "question_kind": question_kind(self._table.programs[q]),
         }
         if self._owners is not None:
             item["mask"] = torch.from_numpy(self._lut[q][self._owners[j]][None]).float()

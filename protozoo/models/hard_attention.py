@@ -370,16 +370,18 @@ def object_centre_cells(owner: torch.Tensor, grid: tuple[int, int]) -> torch.Ten
     h, w = grid
     flat = owner.reshape(b, -1).long()
     k = int(flat.max()) + 1 if flat.numel() else 1
-    key = (torch.arange(b, device=flat.device)[:, None] * k + flat).reshape(-1)
     ys, xs = torch.meshgrid(torch.arange(height, device=flat.device, dtype=torch.float64) + 0.5,
                             torch.arange(width, device=flat.device, dtype=torch.float64) + 0.5,
                             indexing="ij")
-    count = torch.bincount(key, minlength=b * k).view(b, k)[:, 1:].double()
-    sums = [torch.bincount(key, c.reshape(-1).repeat(b), minlength=b * k).view(b, k)[:, 1:]
-            for c in (ys, xs)]
+
+    def per_object(values: torch.Tensor) -> torch.Tensor:  # [B, k - 1] sums over each object
+        total = torch.zeros(b, k, dtype=torch.float64, device=flat.device)
+        return total.scatter_add_(1, flat, values.reshape(1, -1).expand(b, -1))[:, 1:]
+
+    count = per_object(torch.ones_like(ys))
     present = count > 0
-    cy = (sums[0] / count.clamp(min=1) * h / height).long().clamp(0, h - 1)
-    cx = (sums[1] / count.clamp(min=1) * w / width).long().clamp(0, w - 1)
+    cy = (per_object(ys) / count.clamp(min=1) * h / height).long().clamp(0, h - 1)
+    cx = (per_object(xs) / count.clamp(min=1) * w / width).long().clamp(0, w - 1)
     target = torch.zeros(b, h * w, device=owner.device)
     rows = torch.arange(b, device=owner.device)[:, None].expand_as(cy)
     target[rows[present], (cy * w + cx)[present]] = 1.0
