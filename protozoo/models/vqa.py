@@ -75,6 +75,22 @@ def cells_with_coordinates(features: torch.Tensor) -> torch.Tensor:
     return torch.cat([features.flatten(2).transpose(1, 2), coords.expand(b, -1, -1)], dim=2)
 
 
+def distinct_images(batch: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(first, index)`` when the batch says which image each question is about
+    (``batch["image_id"]``): ``first[u]`` is the first question about distinct image ``u`` and
+    ``index[q]`` the distinct image of question ``q`` (both on the images' device), so that
+    ``batch[key][first][index]`` equals ``batch[key]`` for any per-image ``key``. ``None``
+    without ``image_id``."""
+    ids = batch.get("image_id")
+    if ids is None:
+        return None
+    unique, index = torch.unique(torch.as_tensor(ids), return_inverse=True)
+    first = torch.full((len(unique),), len(index), dtype=torch.long, device=index.device)
+    first.scatter_reduce_(0, index, torch.arange(len(index), device=index.device), "amin")
+    device = batch["image"].device if "image" in batch else index.device
+    return first.to(device), index.to(device)
+
+
 # ----------------------------------------------------------------------------- metrics
 
 def cell_coverage(masks: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -149,14 +165,11 @@ class VQAModel(ZooModel):
         pass (the training sampler groups questions by scene, see
         :class:`~protozoo.engine.GroupedSampler`)."""
         image = batch["image"]
-        ids = batch.get("image_id")
-        if ids is None:
+        distinct = distinct_images(batch)
+        if distinct is None:
             return image, batch["question"], batch["question_length"], None
-        unique, index = torch.unique(torch.as_tensor(ids), return_inverse=True)
-        first = torch.full((len(unique),), len(index), dtype=torch.long, device=index.device)
-        first.scatter_reduce_(0, index, torch.arange(len(index), device=index.device), "amin")
-        return image[first.to(image.device)], batch["question"], batch["question_length"], \
-            index.to(image.device)
+        first, index = distinct
+        return image[first], batch["question"], batch["question_length"], index
 
     def image_features(self, image: torch.Tensor, image_index: torch.Tensor | None,
                        question: torch.Tensor):
