@@ -569,65 +569,18 @@ def test_han_objectness_loss_is_cross_entropy_over_centre_cells():
         model.objective(out, {"label": labels})
 
 
-def test_object_cell_targets_by_hand():
-    """Per centre cell: the object's mean colour, squareness (fills > 0.9 of its box) and the
-    centre's offset from the cell's centre in cells; 0 elsewhere. Per distinct image in a
-    batch (``image_id``) it gives what it gives per question."""
-    from protozoo.models.hard_attention import object_cell_targets
+def test_han_objectness_targets_once_per_distinct_image():
+    """A batch that names each question's image (``image_id``) gets the centre cells computed
+    once per image: the same as per question."""
+    from protozoo.models.hard_attention import object_centre_cells
 
-    owner = torch.zeros(2, 10, 10, dtype=torch.uint8)  # a 5x5 grid of 2-px tiles
-    image = torch.zeros(2, 3, 10, 10)
-    owner[0, 0:2, 0:2] = 1  # a 2x2 square, centre (1, 1): cell (0, 0), offset (0, 0)
-    image[0, :, 0:2, 0:2] = torch.tensor([0.1, 0.2, 0.3])[:, None, None]
-    owner[1, 4:7, 5] = 2  # a plus, 5 of its 3x3 box: round
-    owner[1, 5, 4:7] = 2  # centre (5.5, 5.5): cell (2, 2), offset 0.25 of a cell
-    image[1, 0][owner[1] == 2] = 1.0
-    image[1, 1][owner[1] == 2] = -1.0
-    centres, described = object_cell_targets(owner, image, (5, 5))
-    assert centres.view(2, 5, 5)[0].nonzero().tolist() == [[0, 0]]
-    assert centres.view(2, 5, 5)[1].nonzero().tolist() == [[2, 2]]
-    assert torch.allclose(described[0, 0], torch.tensor([0.1, 0.2, 0.3, 1.0, 0.0, 0.0]))
-    assert torch.allclose(described[1, 12], torch.tensor([1.0, -1.0, 0.0, 0.0, 0.25, 0.25]))
-    assert described[0, 1:].abs().sum() == 0 and described[1, :12].abs().sum() == 0
-
-    model = make("han", g_dim=32, f_dim=32, glimpse=0.0, describe=1.0)
-    batch = {"owner": owner[[0, 1, 1, 0]], "image": image[[0, 1, 1, 0]],
-             "image_id": torch.tensor([7, 3, 3, 7])}
-    got = model.object_targets(batch, (5, 5))
-    want = object_cell_targets(batch["owner"], batch["image"], (5, 5))
-    assert all(torch.equal(a, b) for a, b in zip(got, want))
-
-
-def test_han_describe_loss_and_positions():
-    """``describe=w`` adds ``w`` x the mean over centre cells of the squared error of the
-    cell's guess (:func:`object_cell_targets`), and a cell's (x, y) moves by its guessed
-    offset (in cells: 2/5 of [-1, 1] on a 5x5 grid)."""
-    image, question, lengths = random_batch(b=2)
-    labels = torch.tensor([0, 1])
     owner = torch.zeros(2, 75, 75, dtype=torch.uint8)
-    owner[:, 0:10, 0:10] = 1  # centre in cell (0, 0) of the 5x5 grid (15-px tiles)
-    owner[0, 31:41, 60:70] = 2  # centre (36, 65): cell (2, 4), image 0 only
-    model = make("han", g_dim=32, f_dim=32, glimpse=0.0, describe=0.5)
-    out = model(image, question, lengths)
-    terms = model.objective(out, {"label": labels, "owner": owner, "image": image})
-    from protozoo.models.hard_attention import object_cell_targets
-
-    _, target = object_cell_targets(owner, image, (5, 5))
-    err = ((out.descriptions - target) ** 2).sum(2)
-    expected = (err[0, 0] + err[0, 14] + err[1, 0]) / 3
-    assert torch.allclose(terms["describe"], expected)
-    assert torch.allclose(terms["loss"], F.cross_entropy(out.logits, labels) + 0.5 * expected)
-    assert out.descriptions[..., 4:].abs().max() <= 0.5
-    cells = model.cells(image, question, lengths)
-    offsets = out.descriptions[..., 4:] * 2 / 5
-    xy = cells.every_cell[..., -2:] - offsets  # back to the cells' centres
-    from protozoo.attention import cell_coordinates
-
-    assert torch.allclose(xy, cell_coordinates(5, 5).expand(2, -1, -1), atol=1e-6)
-    terms["describe"].backward()
-    assert model.describe_head.weight.grad.abs().sum() > 0
-    with pytest.raises(UserError, match="describe needs the objects' masks"):
-        model.objective(out, {"label": labels, "image": image})
+    owner[0, 0:10, 0:10] = 1
+    owner[1, 31:41, 60:70] = 2
+    model = make("han", g_dim=32, f_dim=32, glimpse=0.0, objectness=1.0)
+    batch = {"owner": owner[[0, 1, 1, 0]], "image_id": torch.tensor([7, 3, 3, 7])}
+    assert torch.equal(model.object_centres(batch, (5, 5)),
+                       object_centre_cells(batch["owner"], (5, 5)))
 
 
 def test_default_schedule_for_builtin_and_other_data():

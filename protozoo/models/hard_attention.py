@@ -40,13 +40,12 @@ class CellSet:
     variable: bool = False  # counts differ between images (AdaHAN): the module must mask
     every_cell: torch.Tensor | None = None  # [B, N, C] all cells, before any selection
     glimpse_logits: torch.Tensor | None = None  # [B, K] han's auxiliary answer (training only)
-    descriptions: torch.Tensor | None = None  # [B, N, 6] han's per-cell object guesses
 
     def without_selection(self) -> CellSet:
         """The same cells with every one kept: what a Relation Network over all cells reads."""
         cells = self.every_cell if self.every_cell is not None else self.selection.cells
         return CellSet(select_all(cells), self.question, self.grid, self.scores, False, cells,
-                       self.glimpse_logits, self.descriptions)
+                       self.glimpse_logits)
 
 
 class CellReasoner(VQAModel):
@@ -170,7 +169,7 @@ class HAN(CellReasoner):
                  unit_cells: bool = True, cell_features: bool = True,
                  g_dim: int = 128, g_layers: int = 3, f_dim: int = 128, dropout: float = 0.5,
                  film: bool = True, distance: bool = True, glimpse: float = 1.0,
-                 pair_pool: str = "sum", objectness: float = 0.0, describe: float = 0.0):
+                 pair_pool: str = "sum", objectness: float = 0.0):
         """
         Args:
             embed_dim: channels of the 1x1-conv cell embeddings (whose norm is the presence).
@@ -260,9 +259,7 @@ class HAN(CellReasoner):
         # ReLU: presence = norm needs "absent" to be reachable; a cell with every unit off is.
         self.embed = CellEmbedding(bb.channels, question_dim, embed_dim, fusion)
         cell_dim = embed_dim + (bb.channels if cell_features else 0) + 2  # + (x, y)
-        self.glimpse, self.objectness, self.describe = glimpse, objectness, describe
-        if describe > 0:
-            self.describe_head = nn.Linear(bb.channels, DESCRIPTION_DIM)
+        self.glimpse, self.objectness = glimpse, objectness
         if glimpse > 0:
             self.glimpse_head = nn.Sequential(
                 nn.Linear(bb.channels + 2 + question_dim, f_dim), nn.ReLU(inplace=True),
@@ -286,13 +283,6 @@ class HAN(CellReasoner):
         presence = cell_norms(embeddings)
         scores = presence.detach()  # the selection is not differentiable
         located = cells_with_coordinates(features)  # [v; x; y] per cell, [B, N, C + 2]
-        descriptions = None
-        if self.describe > 0:
-            descriptions = self.describe_object(located)
-            h, w = features.shape[-2:]
-            step = located.new_tensor([2.0 / w, 2.0 / h])
-            located = torch.cat([located[..., :-2], located[..., -2:] +
-                                 descriptions[..., -2:] * step], dim=2)
         glimpse = self.presence_glimpse(located, presence, q) if self.glimpse > 0 else None
         directions = F.normalize(embeddings, dim=1) if self.unit_cells else embeddings
         cells = torch.cat([directions.flatten(2).transpose(1, 2),
@@ -300,34 +290,20 @@ class HAN(CellReasoner):
         selection = (select_adaptive(cells, scores) if self.adaptive
                      else select_top_k(cells, scores, self.top_k))
         return CellSet(selection, q, tuple(embeddings.shape[-2:]), presence, self.adaptive,
-                       cells, glimpse, descriptions)
+                       cells, glimpse)
 
-    def object_targets(self, batch: dict, grid: tuple[int, int]
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """:func:`object_cell_targets` of the batch, computed once per distinct image. One-line
-        error when the data has no ownership maps (``objectness`` and ``describe`` need them)."""
+    def object_centres(self, batch: dict, grid: tuple[int, int]) -> torch.Tensor:
+        """:func:`object_centre_cells` of the batch's ownership maps, computed once per distinct
+        image; a one-line error when the data has none."""
         if "owner" not in batch:
-            terms = " and ".join(t for t in ("objectness", "describe") if getattr(self, t) > 0)
-            raise UserError(f"{terms} needs the objects' masks (the data's masks/ folder, as "
-                            f"sort-of-clevr has); train with {terms.replace(' and ', '=0 and ')}=0")
-        device = next(self.parameters()).device
-        owner = batch["owner"].to(device)
-        image = batch["image"].to(device) if self.describe > 0 else None
+            raise UserError("objectness needs the objects' masks (the data's masks/ folder, as "
+                            "sort-of-clevr has); train with objectness=0")
+        owner = batch["owner"].to(next(self.parameters()).device)
         distinct = distinct_images(batch)
         if distinct is None:
-            return object_cell_targets(owner, image, grid)
-        first, index = (t.to(device) for t in distinct)
-        centres, described = object_cell_targets(owner[first], None if image is None
-                                                 else image[first], grid)
-        return centres[index], described[index]
-
-    def describe_object(self, located: torch.Tensor) -> torch.Tensor:
-        """``[B, N, 6]`` per cell, from its backbone features: the mean colour (3, in the
-        image's normalised units), squareness (1 square, 0 round) and the centre's offset from
-        the cell's centre (2, in cells, within +-0.5) of the object whose centre the cell holds
-        -- what ``describe`` supervises (:func:`object_cell_targets`)."""
-        raw = self.describe_head(located[..., :-2])
-        return torch.cat([raw[..., :4], 0.5 * torch.tanh(raw[..., 4:])], dim=2)
+            return object_centre_cells(owner, grid)
+        first, index = (t.to(owner.device) for t in distinct)
+        return object_centre_cells(owner[first], grid)[index]
 
     def presence_glimpse(self, located: torch.Tensor, presence: torch.Tensor,
                          question: torch.Tensor) -> torch.Tensor:
@@ -346,7 +322,7 @@ class HAN(CellReasoner):
         b = len(kept)
         return VQAOutput(logits=logits, stride=self.stride, attention=attention.view(b, 1, h, w),
                          scores=cells.scores.view(b, h, w), kept=kept.view(b, h, w),
-                         glimpse_logits=cells.glimpse_logits, descriptions=cells.descriptions)
+                         glimpse_logits=cells.glimpse_logits)
 
     def objective(self, output: VQAOutput, batch: dict, **weights: float) -> dict:
         """Cross-entropy of the answer, plus ``glimpse`` x the glimpse's cross-entropy (logged
@@ -356,19 +332,13 @@ class HAN(CellReasoner):
             aux = losses.cross_entropy(output.glimpse_logits, batch["label"])
             terms["glimpse"] = aux
             terms["loss"] = terms["loss"] + self.glimpse * aux
-        if self.objectness > 0 or (self.describe > 0 and output.descriptions is not None):
-            centres, described = self.object_targets(batch, tuple(output.scores.shape[-2:]))
-            if self.objectness > 0:
-                presence = output.scores.flatten(1)
-                aux = -(centres / centres.sum(1, keepdim=True).clamp(min=1) *
-                        torch.log_softmax(presence, dim=1)).sum(1).mean()
-                terms["objectness"] = aux
-                terms["loss"] = terms["loss"] + self.objectness * aux
-            if self.describe > 0 and output.descriptions is not None:
-                err = ((output.descriptions - described) ** 2).sum(2)
-                aux = (err * centres).sum() / centres.sum().clamp(min=1)
-                terms["describe"] = aux
-                terms["loss"] = terms["loss"] + self.describe * aux
+        if self.objectness > 0:
+            target = self.object_centres(batch, tuple(output.scores.shape[-2:]))
+            presence = output.scores.flatten(1)
+            aux = -(target / target.sum(1, keepdim=True).clamp(min=1) *
+                    torch.log_softmax(presence, dim=1)).sum(1).mean()
+            terms["objectness"] = aux
+            terms["loss"] = terms["loss"] + self.objectness * aux
         return terms
 
 
@@ -402,26 +372,10 @@ class RelationNetwork(CellReasoner):
                          attention=uniform_attention(len(logits), h, w, logits))
 
 
-DESCRIPTION_DIM = 6  # colour (3), squareness, offset (x, y): see HAN.describe_object
-
-
 def object_centre_cells(owner: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """``[B, h*w]`` float: 1 on the cells holding an object's centre (the mean of its pixels),
     from ownership maps ``owner`` ``[B, H, W]`` (0 background, k+1 object k), the image split
     evenly into the grid."""
-    return object_cell_targets(owner, None, grid)[0]
-
-
-def object_cell_targets(owner: torch.Tensor, image: torch.Tensor | None,
-                        grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(centres [B, h*w], descriptions [B, h*w, 6])`` from ownership maps ``owner`` ``[B, H,
-    W]`` (0 background, k+1 object k) and the images ``[B, 3, H, W]`` (``None``: colour 0).
-
-    ``centres`` is 1 on the cells holding an object's centre (the mean of its pixels; the image
-    split evenly into the grid). There, ``descriptions`` holds that object's mean colour,
-    squareness (1 when the object fills more than 0.9 of its bounding box -- a square fills
-    1, a disc pi/4) and its centre's offset from the cell's centre in cells (x, y, each within
-    +-0.5); elsewhere 0."""
     b, height, width = owner.shape
     h, w = grid
     device = owner.device
@@ -430,34 +384,17 @@ def object_cell_targets(owner: torch.Tensor, image: torch.Tensor | None,
     ys, xs = torch.meshgrid(torch.arange(height, device=device, dtype=torch.float32),
                             torch.arange(width, device=device, dtype=torch.float32),
                             indexing="ij")
-    yx = torch.stack([ys, xs]).reshape(1, 2, -1).expand(b, -1, -1)
-    colour = (image.reshape(b, image.shape[1], -1).float() if image is not None
-              else torch.zeros(b, 3, height * width, device=device))
-    values = torch.cat([torch.ones_like(yx[:, :1]), yx, colour], dim=1)  # [B, 6, HW]
-
-    def per_object(values: torch.Tensor, reduce: str, start: float) -> torch.Tensor:
-        # [B, V, k - 1]: ``reduce`` of every row of ``values`` over each object's pixels
-        total = torch.full((b, len(values[0]), k), start, device=device)
-        return total.scatter_reduce_(2, flat.expand(-1, len(values[0]), -1), values,
-                                     reduce)[..., 1:]
-
-    sums = per_object(values, "sum", 0.0)
-    count = sums[:, 0]
+    values = torch.stack([torch.ones_like(ys), ys, xs]).reshape(1, 3, -1).expand(b, -1, -1)
+    # [B, 3, k]: pixels, sum of y, sum of x per ownership value, in one pass
+    sums = torch.zeros(b, 3, k, device=device).scatter_add_(2, flat.expand(-1, 3, -1), values)
+    count = sums[:, 0, 1:]
     present = count > 0
-    mean = sums[:, 1:] / count.clamp(min=1)[:, None]  # [B, 5, k - 1]: y, x, colour
-    fy, fx = (mean[:, 0] + 0.5) * h / height, (mean[:, 1] + 0.5) * w / width
-    cy, cx = fy.long().clamp(0, h - 1), fx.long().clamp(0, w - 1)
-    extent = per_object(yx, "amax", -1.0) - per_object(yx, "amin", float(height + width)) + 1
-    square = count / (extent[:, 0] * extent[:, 1]).clamp(min=1) > 0.9
-    described = torch.cat([mean[:, 2:].transpose(1, 2), square.float()[..., None],
-                           (fx - cx - 0.5)[..., None], (fy - cy - 0.5)[..., None]], dim=2)
-    centres = torch.zeros(b, h * w, device=device)
-    descriptions = torch.zeros(b, h * w, DESCRIPTION_DIM, device=device)
+    cy = ((sums[:, 1, 1:] / count.clamp(min=1) + 0.5) * h / height).long().clamp(0, h - 1)
+    cx = ((sums[:, 2, 1:] / count.clamp(min=1) + 0.5) * w / width).long().clamp(0, w - 1)
+    target = torch.zeros(b, h * w, device=device)
     rows = torch.arange(b, device=device)[:, None].expand_as(cy)
-    cell = (cy * w + cx)[present]
-    centres[rows[present], cell] = 1.0
-    descriptions[rows[present], cell] = described[present]
-    return centres, descriptions
+    target[rows[present], (cy * w + cx)[present]] = 1.0
+    return target
 
 
 def time_reasoning(model: CellReasoner, image: torch.Tensor, question: torch.Tensor,
