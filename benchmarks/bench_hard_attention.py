@@ -10,7 +10,11 @@ warm-up, reported as medians:
 * ``train step`` -- the full step the engine runs (forward, ``model.objective``, backward,
                     ``Adam.step``) of ``han`` against ``rn`` built with the same backbone and the
                     same relation module (widths, ``film``, ``distance``). ``han``'s step also pays
-                    for its cell embeddings and its glimpse head.
+                    for its cell embeddings and its glimpse head;
+* ``han bf16``   -- with ``--amp bf16``: ``han``'s training step under bfloat16 autocast (what
+                    ``train.py --amp bf16`` runs) against the same step in float32, same model
+                    and batch (on a CPU this pays only where it has bf16 instructions, e.g.
+                    AVX512-BF16).
 
 Target (the issue's): the reasoning step at least 4x faster than the full Relation Network's.
 The batch is synthetic (random images, random questions from a 20-word vocabulary, ~20
@@ -18,12 +22,14 @@ questions per image as in Sort-of-CLEVR), already on the device; data loading is
 
     python benchmarks/bench_hard_attention.py           # CPU: 75 px (5x5 cells), han's 128 x 3
     python benchmarks/bench_hard_attention.py --quick   # < 30 s smoke run
+    python benchmarks/bench_hard_attention.py --amp bf16  # also han's step in bf16 vs float32
     python benchmarks/bench_hard_attention.py           # CUDA GPU: 128 px (8x8 cells), the paper's
                                                         # 256 x 4 module, 32 images x 20 questions
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -34,7 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import header, sync  # noqa: E402  (common puts the checkout on sys.path)
 from protozoo.attention import resolve_k
-from protozoo.engine import resolve_device
+from protozoo.engine import autocast_for, resolve_device
 from protozoo.models.hard_attention import time_reasoning
 from protozoo.registry import create_model
 
@@ -68,15 +74,17 @@ def build(family: str, args, device: torch.device, seed: int):
 class Stepper:
     """One model's full training step, as :class:`protozoo.engine.Trainer` runs it."""
 
-    def __init__(self, name: str, model, device: torch.device):
+    def __init__(self, name: str, model, device: torch.device, autocast=None):
         self.name, self.model, self.device = name, model, device
+        self.autocast = autocast or contextlib.nullcontext()  # entered afresh every step
         self.optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
         self.times: list[float] = []
 
     def step(self, batch: dict) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        output = self.model(*self.model.inputs(batch))
-        loss = self.model.objective(output, batch)["loss"]
+        with self.autocast:
+            output = self.model(*self.model.inputs(batch))
+            loss = self.model.objective(output, batch)["loss"]
         loss.backward()
         self.optimizer.step()
 
@@ -101,6 +109,8 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="smoke run: 4 images, 3 repetitions")
+    p.add_argument("--amp", choices=("bf16", "fp16"), default=None,
+                   help="also time han's step under this autocast against float32")
     args = p.parse_args(argv)
     device = resolve_device(args.device)
     gpu = device.type == "cuda"
@@ -117,6 +127,11 @@ def main(argv=None) -> None:
     batch = synthetic_batch(args, device, args.seed)
     han = Stepper("han", build("han", args, device, args.seed), device)
     rn = Stepper("rn", build("rn", args, device, args.seed), device)
+    steppers = [han, rn]
+    if args.amp:
+        autocast, _ = autocast_for(device, args.amp)
+        mixed = Stepper(f"han {args.amp}", build("han", args, device, args.seed), device, autocast)
+        steppers.append(mixed)
     inputs = han.model.inputs(batch)
     grid = han.model.backbone(inputs[0]).shape[-2:]
     cells = grid[0] * grid[1]
@@ -128,10 +143,10 @@ def main(argv=None) -> None:
 
     reasoning = {"kept": [], "all": []}
     for _ in range(args.warmup):
-        han.step(batch)
-        rn.step(batch)
+        for stepper in steppers:
+            stepper.step(batch)
     for rep in range(args.steps):
-        order = [han, rn] if rep % 2 == 0 else [rn, han]
+        order = steppers[rep % len(steppers):] + steppers[:rep % len(steppers)]  # rotates
         for stepper in order:
             stepper.times.append(stepper.timed(batch))
         for which in (["kept", "all"] if rep % 2 == 0 else ["all", "kept"]):
@@ -149,9 +164,12 @@ def main(argv=None) -> None:
     print(f"{'':<12} {'han ms':>10} {'all ms':>10} {'speedup':>9} {'paired':>9} han min-max ms")
     speedup = row("reasoning", reasoning["kept"], reasoning["all"])
     row("train step", han.times, rn.times)
+    if args.amp:
+        row(f"han {args.amp}", mixed.times, han.times)
     verdict = "meets" if speedup >= TARGET else "misses"
     print(f"reasoning step speedup {speedup:.2f}x {verdict} the target (>= {TARGET:g}x); "
-          "'all' in the train-step row is rn's full step")
+          "'all' in the train-step row is rn's full step" +
+          (f"; in the han {args.amp} row, han's float32 step" if args.amp else ""))
 
 
 if __name__ == "__main__":
