@@ -237,11 +237,12 @@ class HAN(CellReasoner):
                 object. Measured on sort-of-clevr (``train.py``, 45 epochs, one thread):
                 ``objectness=1`` with the glimpse, non-relational 0.992, relational 0.733
                 (closest 0.679, furthest 0.755, count 0.764) -- inside the default's spread,
-                so it stays off (with ``glimpse=0`` too: 0.975 / 0.550, count never learnt). It does move the selection: the 7 kept cells held every
-                object's centre cell for 0.833 of the first 2,000 test questions (0.968 of
-                the centre cells), against 0.162 (0.728) for the default trained the same way
-                (non-relational 0.988, relational 0.775) -- so with the objects in view, the
-                reasoning over cells is what falls short.
+                so it stays off (with ``glimpse=0`` too: 0.975 / 0.550, count never learnt).
+                It does move the selection: the 7 kept cells held every object's centre cell
+                for 0.833 of the first 2,000 test questions (0.968 of the centre cells),
+                against 0.162 (0.728) for the default trained the same way (non-relational
+                0.988, relational 0.775) -- so with the objects in view, the reasoning over
+                cells is what falls short.
             The paper's HAN is ``fusion="sum", unit_cells=False, cell_features=False,
             film=False, distance=False, glimpse=0, pair_pool="sum", g_dim=256, g_layers=4,
             f_dim=256``.
@@ -298,11 +299,11 @@ class HAN(CellReasoner):
         if "owner" not in batch:
             raise UserError("objectness needs the objects' masks (the data's masks/ folder, as "
                             "sort-of-clevr has); train with objectness=0")
-        owner = batch["owner"].to(next(self.parameters()).device)
-        distinct = distinct_images(batch)
+        owner = batch["owner"]
+        distinct = distinct_images(batch, owner.device)
         if distinct is None:
             return object_centre_cells(owner, grid)
-        first, index = (t.to(owner.device) for t in distinct)
+        first, index = distinct
         return object_centre_cells(owner[first], grid)[index]
 
     def presence_glimpse(self, located: torch.Tensor, presence: torch.Tensor,
@@ -334,9 +335,9 @@ class HAN(CellReasoner):
             terms["loss"] = terms["loss"] + self.glimpse * aux
         if self.objectness > 0:
             target = self.object_centres(batch, tuple(output.scores.shape[-2:]))
-            presence = output.scores.flatten(1)
-            aux = -(target / target.sum(1, keepdim=True).clamp(min=1) *
-                    torch.log_softmax(presence, dim=1)).sum(1).mean()
+            target = target.to(output.scores.device)
+            aux = losses.cross_entropy(output.scores.flatten(1),
+                                       target / target.sum(1, keepdim=True).clamp(min=1))
             terms["objectness"] = aux
             terms["loss"] = terms["loss"] + self.objectness * aux
         return terms

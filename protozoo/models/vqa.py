@@ -75,19 +75,18 @@ def cells_with_coordinates(features: torch.Tensor) -> torch.Tensor:
     return torch.cat([features.flatten(2).transpose(1, 2), coords.expand(b, -1, -1)], dim=2)
 
 
-def distinct_images(batch: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(first, index)`` when the batch says which image each question is about
+def distinct_images(batch: dict, device: torch.device
+                    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(first, index)`` on ``device`` when the batch says which image each question is about
     (``batch["image_id"]``): ``first[u]`` is the first question about distinct image ``u`` and
-    ``index[q]`` the distinct image of question ``q`` (both on the images' device), so that
-    ``batch[key][first][index]`` equals ``batch[key]`` for any per-image ``key``. ``None``
-    without ``image_id``."""
+    ``index[q]`` the distinct image of question ``q``, so that ``batch[key][first][index]``
+    equals ``batch[key]`` for any per-image ``key``. ``None`` without ``image_id``."""
     ids = batch.get("image_id")
     if ids is None:
         return None
     unique, index = torch.unique(torch.as_tensor(ids), return_inverse=True)
     first = torch.full((len(unique),), len(index), dtype=torch.long, device=index.device)
     first.scatter_reduce_(0, index, torch.arange(len(index), device=index.device), "amin")
-    device = batch["image"].device if "image" in batch else index.device
     return first.to(device), index.to(device)
 
 
@@ -165,7 +164,7 @@ class VQAModel(ZooModel):
         pass (the training sampler groups questions by scene, see
         :class:`~protozoo.engine.GroupedSampler`)."""
         image = batch["image"]
-        distinct = distinct_images(batch)
+        distinct = distinct_images(batch, image.device)
         if distinct is None:
             return image, batch["question"], batch["question_length"], None
         first, index = distinct
