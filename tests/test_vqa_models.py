@@ -565,7 +565,7 @@ def test_han_objectness_loss_is_cross_entropy_over_centre_cells():
     assert torch.allclose(terms["loss"], F.cross_entropy(out.logits, labels) + 0.5 * expected)
     terms["objectness"].backward()  # the presence of every cell learns from it
     assert model.embed.conv.weight.grad.abs().sum() > 0
-    with pytest.raises(UserError, match="objectness needs the objects' masks"):
+    with pytest.raises(UserError, match="objectness and describe_epochs need the objects' masks"):
         model.objective(out, {"label": labels})
 
 
@@ -579,8 +579,71 @@ def test_han_objectness_targets_once_per_distinct_image():
     owner[1, 31:41, 60:70] = 2
     model = make("han", g_dim=32, f_dim=32, glimpse=0.0, objectness=1.0)
     batch = {"owner": owner[[0, 1, 1, 0]], "image_id": torch.tensor([7, 3, 3, 7])}
-    assert torch.equal(model.object_centres(batch, (5, 5)),
+    assert torch.equal(model.object_targets(batch, (5, 5))[:, 0],
                        object_centre_cells(batch["owner"], (5, 5)))
+
+
+def test_object_descriptions_by_hand():
+    """Per cell: centre, mean colour, fill of the bounding box and the centre's offset in cells,
+    on the cell holding the centre only; two centres in one cell: the larger ownership value."""
+    from protozoo.models.hard_attention import DESCRIPTION_CHANNELS, object_descriptions
+
+    owner = torch.zeros(1, 75, 75, dtype=torch.uint8)
+    image = torch.zeros(1, 3, 75, 75)
+    owner[0, 0:10, 0:10] = 1  # a square, centre (5, 5) px = (1/3, 1/3) cells: cell (0, 0)
+    image[0, :, 0:10, 0:10] = torch.tensor([0.5, -1.0, 0.25])[:, None, None]
+    image[0, 0, 0, 0] = 1.5  # one pixel off the rest: the colour is a mean over the object
+    ys, xs = torch.meshgrid(torch.arange(75.0), torch.arange(75.0), indexing="ij")
+    disc = (ys + 0.5 - 40.0) ** 2 + (xs + 0.5 - 52.0) ** 2 <= 25.0  # centre (52, 40) px
+    owner[0][disc] = 3
+    owner[0, 44:46, 58:60] = 2  # centre (59, 45) px: cell (3, 3) too, but 2 < 3
+    d = object_descriptions(owner, image, (5, 5)).view(1, 7, 5, 5)[0]
+    assert DESCRIPTION_CHANNELS[0] == "centre" and d.shape[0] == len(DESCRIPTION_CHANNELS)
+    assert d[0].nonzero().tolist() == [[0, 0], [2, 3]]
+    assert torch.allclose(d[:, 0, 0], torch.tensor(
+        [1.0, 0.5 + 1.0 / 100, -1.0, 0.25, 1.0, 1 / 3 - 0.5, 1 / 3 - 0.5]), atol=1e-6)
+    area = float(disc.sum())
+    assert torch.allclose(d[:, 2, 3], torch.tensor(
+        [1.0, 0.0, 0.0, 0.0, area / 100, 52 / 15 - 3.5, 40 / 15 - 2.5]), atol=1e-5)
+    assert d[:, (d[0] == 0)].abs().sum() == 0  # nothing on the other cells
+    assert torch.equal(object_descriptions(owner, None, (5, 5))[:, 1:4], torch.zeros(1, 3, 25))
+
+
+def test_han_describe_phase_trains_the_cnn_on_descriptions_alone():
+    """``describe_epochs=E``: a first phase of E epochs trains the CNN and the describe head
+    (at the head's rate) on the description loss alone; then the answer phases, without it."""
+    from protozoo.config import TrainConfig
+    from protozoo.models.hard_attention import object_descriptions
+
+    model = make("han", g_dim=32, f_dim=32, describe_epochs=2)
+    groups = model.param_groups()
+    assert sorted(groups) == ["backbone", "describe", "head"]
+    ids = [id(p) for g in groups.values() for p in g]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+    describe, train = model.phases(TrainConfig(model="han", dataset="sort-of-clevr"))
+    assert (describe.name, describe.epochs, describe.loss_weights) == ("describe", 2,
+                                                                       {"describe": 1.0})
+    assert describe.lrs == {"backbone": train.lrs["head"], "describe": train.lrs["head"]}
+    assert sorted(train.lrs) == ["backbone", "head"] and train.epochs == 45
+    assert [p.name for p in make("han", g_dim=32, f_dim=32).phases(TrainConfig(
+        model="han", dataset="sort-of-clevr"))] == ["train"]
+
+    image, question, lengths = random_batch(b=2)
+    owner = torch.zeros(2, 75, 75, dtype=torch.uint8)
+    owner[:, 0:10, 0:10] = 1
+    owner[1, 31:41, 60:70] = 2
+    batch = {"label": torch.tensor([0, 1]), "owner": owner, "image": image}
+    out = model(image, question, lengths)
+    assert out.descriptions.shape == (2, 7, 5, 5)
+    terms = model.objective(out, batch, describe=1.0)
+    target = object_descriptions(owner, image, (5, 5))
+    assert torch.allclose(terms["describe_centre"], F.binary_cross_entropy_with_logits(
+        out.descriptions.flatten(2)[:, 0], target[:, 0]))
+    assert torch.equal(terms["loss"], terms["describe"])
+    terms["loss"].backward()
+    assert model.backbone.body.project.weight.grad.abs().sum() > 0  # the CNN (its zero-init top)
+    assert all(p.grad is None for p in model.reasoner.parameters())  # the answer is not trained
+    assert "describe" not in model.objective(out, batch)  # the answer phase: no description loss
 
 
 def test_default_schedule_for_builtin_and_other_data():

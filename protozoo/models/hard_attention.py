@@ -15,13 +15,14 @@ encoder, inputs and metrics they share with ``san`` and ``cnn_lstm`` live in
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import losses
+from ..config import Phase, TrainConfig
 from ..attention import (RelationModule, Selection, cell_norms, resolve_k, select_adaptive,
                          select_all, select_top_k)
 from ..errors import UserError
@@ -40,12 +41,12 @@ class CellSet:
     variable: bool = False  # counts differ between images (AdaHAN): the module must mask
     every_cell: torch.Tensor | None = None  # [B, N, C] all cells, before any selection
     glimpse_logits: torch.Tensor | None = None  # [B, K] han's auxiliary answer (training only)
+    descriptions: torch.Tensor | None = None  # [B, 7, h, w] han's describe head (training only)
 
     def without_selection(self) -> CellSet:
         """The same cells with every one kept: what a Relation Network over all cells reads."""
         cells = self.every_cell if self.every_cell is not None else self.selection.cells
-        return CellSet(select_all(cells), self.question, self.grid, self.scores, False, cells,
-                       self.glimpse_logits)
+        return replace(self, selection=select_all(cells), variable=False, every_cell=cells)
 
 
 class CellReasoner(VQAModel):
@@ -169,7 +170,7 @@ class HAN(CellReasoner):
                  unit_cells: bool = True, cell_features: bool = True,
                  g_dim: int = 128, g_layers: int = 3, f_dim: int = 128, dropout: float = 0.5,
                  film: bool = True, distance: bool = True, glimpse: float = 1.0,
-                 pair_pool: str = "sum", objectness: float = 0.0):
+                 pair_pool: str = "sum", objectness: float = 0.0, describe_epochs: int = 0):
         """
         Args:
             embed_dim: channels of the 1x1-conv cell embeddings (whose norm is the presence).
@@ -261,6 +262,13 @@ class HAN(CellReasoner):
         self.embed = CellEmbedding(bb.channels, question_dim, embed_dim, fusion)
         cell_dim = embed_dim + (bb.channels if cell_features else 0) + 2  # + (x, y)
         self.glimpse, self.objectness = glimpse, objectness
+        if int(describe_epochs) != describe_epochs or describe_epochs < 0:
+            raise ValueError(f"describe_epochs must be a whole number >= 0, got {describe_epochs}")
+        self.describe_epochs = int(describe_epochs)
+        if self.describe_epochs:
+            self.describe_head = nn.Sequential(
+                nn.Conv2d(bb.channels, f_dim, 1), nn.ReLU(inplace=True),
+                nn.Conv2d(f_dim, len(DESCRIPTION_CHANNELS), 1))
         if glimpse > 0:
             self.glimpse_head = nn.Sequential(
                 nn.Linear(bb.channels + 2 + question_dim, f_dim), nn.ReLU(inplace=True),
@@ -290,21 +298,25 @@ class HAN(CellReasoner):
                            located if self.cell_features else located[..., -2:]], dim=2)
         selection = (select_adaptive(cells, scores) if self.adaptive
                      else select_top_k(cells, scores, self.top_k))
+        descriptions = self.describe_head(features) if self.describe_epochs else None
         return CellSet(selection, q, tuple(embeddings.shape[-2:]), presence, self.adaptive,
-                       cells, glimpse)
+                       cells, glimpse, descriptions)
 
-    def object_centres(self, batch: dict, grid: tuple[int, int]) -> torch.Tensor:
-        """:func:`object_centre_cells` of the batch's ownership maps, computed once per distinct
-        image; a one-line error when the data has none."""
+    def object_targets(self, batch: dict, grid: tuple[int, int],
+                       colours: bool = False) -> torch.Tensor:
+        """:func:`object_descriptions` of the batch's ownership maps (and, with ``colours``, its
+        images), computed once per distinct image; a one-line error when the data has none."""
         if "owner" not in batch:
-            raise UserError("objectness needs the objects' masks (the data's masks/ folder, as "
-                            "sort-of-clevr has); train with objectness=0")
-        owner = batch["owner"]
+            raise UserError("objectness and describe_epochs need the objects' masks (the data's "
+                            "masks/ folder, as sort-of-clevr has); train with objectness=0 and "
+                            "describe_epochs=0")
+        owner, image = batch["owner"], batch["image"] if colours else None
         distinct = distinct_images(batch, owner.device)
         if distinct is None:
-            return object_centre_cells(owner, grid)
+            return object_descriptions(owner, image, grid)
         first, index = distinct
-        return object_centre_cells(owner[first], grid)[index]
+        image = None if image is None else image[first.to(image.device)]
+        return object_descriptions(owner[first], image, grid)[index]
 
     def presence_glimpse(self, located: torch.Tensor, presence: torch.Tensor,
                          question: torch.Tensor) -> torch.Tensor:
@@ -323,18 +335,70 @@ class HAN(CellReasoner):
         b = len(kept)
         return VQAOutput(logits=logits, stride=self.stride, attention=attention.view(b, 1, h, w),
                          scores=cells.scores.view(b, h, w), kept=kept.view(b, h, w),
-                         glimpse_logits=cells.glimpse_logits)
+                         glimpse_logits=cells.glimpse_logits, descriptions=cells.descriptions)
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """``backbone`` and ``head``, and ``describe`` (the describe head, trained only in the
+        ``describe`` phase) when ``describe_epochs`` > 0."""
+        groups = super().param_groups()
+        if not self.describe_epochs:
+            return groups
+        describe = list(self.describe_head.parameters())
+        ids = {id(p) for p in describe}
+        return {"backbone": groups["backbone"], "describe": describe,
+                "head": [p for p in groups["head"] if id(p) not in ids]}
+
+    def phases(self, cfg: TrainConfig) -> list[Phase]:
+        """:meth:`VQAModel.phases`, after a ``describe`` phase of ``describe_epochs`` when there
+        is one: the CNN and the describe head alone, at the head's learning rate with a cosine
+        decay, on the description loss alone (:meth:`describe_terms`); the describe head is
+        frozen after it."""
+        answer = super().phases(cfg)
+        if not self.describe_epochs:
+            return answer
+        lr = answer[0].lrs["head"]
+        answer = [replace(p, lrs={g: v for g, v in p.lrs.items() if g != "describe"})
+                  for p in answer]
+        return [Phase("describe", self.describe_epochs, {"backbone": lr, "describe": lr},
+                      {"describe": 1.0}, weight_decay=cfg.weight_decay, schedule="cosine"),
+                *answer]
+
+    def describe_terms(self, output: VQAOutput, batch: dict) -> dict[str, torch.Tensor]:
+        """The description loss of the ``describe`` phase (``describe``, logged with its parts)
+        against :func:`object_descriptions` of the batch: a binary cross-entropy of ``centre``
+        on every cell; on the cells holding an object's centre, the squared error of the
+        colour, a binary cross-entropy of the fill (a soft target) and the squared error of the
+        offset (predicted as ``tanh / 2``, weighted 10: its targets are within half a cell)."""
+        predicted = output.descriptions.flatten(2).float()  # [B, 7, N]
+        target = self.object_targets(batch, tuple(output.descriptions.shape[-2:]), colours=True)
+        target = target.to(predicted.device)
+        on = target[:, 0] > 0
+        p, t = predicted.transpose(1, 2)[on], target.transpose(1, 2)[on]  # [M, 7]
+        terms = {"describe_centre": F.binary_cross_entropy_with_logits(predicted[:, 0],
+                                                                       target[:, 0]),
+                 "describe_colour": F.mse_loss(p[:, 1:4], t[:, 1:4]),
+                 "describe_fill": F.binary_cross_entropy_with_logits(p[:, 4], t[:, 4]),
+                 "describe_offset": F.mse_loss(torch.tanh(p[:, 5:]) / 2, t[:, 5:])}
+        terms["describe"] = (terms["describe_centre"] + terms["describe_colour"]
+                             + terms["describe_fill"] + 10 * terms["describe_offset"])
+        return terms
 
     def objective(self, output: VQAOutput, batch: dict, **weights: float) -> dict:
         """Cross-entropy of the answer, plus ``glimpse`` x the glimpse's cross-entropy (logged
-        as ``glimpse``) when the model has one."""
+        as ``glimpse``) when the model has one, plus ``objectness`` x its loss. In the
+        ``describe`` phase (weight ``describe``), the description loss alone
+        (:meth:`describe_terms`; the answer's cross-entropy is only logged)."""
         terms = super().objective(output, batch, **weights)
+        if weights.get("describe"):
+            terms.update(self.describe_terms(output, batch))
+            terms["loss"] = weights["describe"] * terms["describe"]
+            return terms
         if output.glimpse_logits is not None:
             aux = losses.cross_entropy(output.glimpse_logits, batch["label"])
             terms["glimpse"] = aux
             terms["loss"] = terms["loss"] + self.glimpse * aux
         if self.objectness > 0:
-            target = self.object_centres(batch, tuple(output.scores.shape[-2:]))
+            target = self.object_targets(batch, tuple(output.scores.shape[-2:]))[:, 0]
             target = target.to(output.scores.device)
             aux = losses.cross_entropy(output.scores.flatten(1),
                                        target / target.sum(1, keepdim=True).clamp(min=1))
@@ -373,29 +437,71 @@ class RelationNetwork(CellReasoner):
                          attention=uniform_attention(len(logits), h, w, logits))
 
 
-def object_centre_cells(owner: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """``[B, h*w]`` float: 1 on the cells holding an object's centre (the mean of its pixels),
-    from ownership maps ``owner`` ``[B, H, W]`` (0 background, k+1 object k), the image split
-    evenly into the grid."""
+DESCRIPTION_CHANNELS = ("centre", "red", "green", "blue", "fill", "offset_x", "offset_y")
+
+
+def object_descriptions(owner: torch.Tensor, image: torch.Tensor | None,
+                        grid: tuple[int, int]) -> torch.Tensor:
+    """What each cell of the ``grid`` should say about the objects, from ownership maps
+    ``owner`` ``[B, H, W]`` (0 background, k+1 object k) and the images ``[B, 3, H, W]`` they
+    belong to (the image split evenly into the grid): ``[B, 7, h*w]``, channels
+    :data:`DESCRIPTION_CHANNELS` --
+
+    * ``centre``: 1 on a cell holding an object's centre (the mean of its pixels), else 0;
+    * on such a cell, that object's mean colour in ``image`` (3 channels, the image's units), the
+      share of its bounding box it fills (1 for a square, about pi/4 for a disc) and its centre's
+      offset from the cell's centre in cells, (x, y) in [-0.5, 0.5); 0 on the other cells.
+
+    Where two centres share a cell, the object with the larger ownership value describes it.
+    ``image=None`` leaves the colours 0 (``centre`` alone is :func:`object_centre_cells`)."""
     b, height, width = owner.shape
     h, w = grid
     device = owner.device
-    flat = owner.reshape(b, 1, -1).long()
+    flat = owner.reshape(b, -1).long()
     k = int(flat.max()) + 1 if flat.numel() else 1
     ys, xs = torch.meshgrid(torch.arange(height, device=device, dtype=torch.float32),
                             torch.arange(width, device=device, dtype=torch.float32),
                             indexing="ij")
-    values = torch.stack([torch.ones_like(ys), ys, xs]).reshape(1, 3, -1).expand(b, -1, -1)
-    # [B, 3, k]: pixels, sum of y, sum of x per ownership value, in one pass
-    sums = torch.zeros(b, 3, k, device=device).scatter_add_(2, flat.expand(-1, 3, -1), values)
+    ys, xs = ys.reshape(1, -1).expand(b, -1), xs.reshape(1, -1).expand(b, -1)
+    colour = (image.reshape(b, image.shape[1], -1).float() if image is not None
+              else torch.zeros(b, 3, height * width, device=device))
+    values = torch.cat([torch.ones_like(ys)[:, None], ys[:, None], xs[:, None], colour], dim=1)
+    # [B, 6, k]: pixels, sum of y, x and the colours per ownership value, in one pass
+    sums = torch.zeros(b, values.shape[1], k, device=device)
+    sums.scatter_add_(2, flat[:, None].expand(-1, values.shape[1], -1), values)
     count = sums[:, 0, 1:]
     present = count > 0
-    cy = ((sums[:, 1, 1:] / count.clamp(min=1) + 0.5) * h / height).long().clamp(0, h - 1)
-    cx = ((sums[:, 2, 1:] / count.clamp(min=1) + 0.5) * w / width).long().clamp(0, w - 1)
-    target = torch.zeros(b, h * w, device=device)
-    rows = torch.arange(b, device=device)[:, None].expand_as(cy)
-    target[rows[present], (cy * w + cx)[present]] = 1.0
-    return target
+    mean = sums[:, 1:, 1:] / count.clamp(min=1)[:, None]  # [B, 5, k - 1]: y, x, colour
+    gy = (mean[:, 0] + 0.5) * h / height  # the centre, in cells
+    gx = (mean[:, 1] + 0.5) * w / width
+    cy, cx = gy.long().clamp(0, h - 1), gx.long().clamp(0, w - 1)
+
+    def extent(coords, reduce):  # [B, k - 1] per object: min or max of a pixel coordinate
+        start = float(max(height, width)) if reduce == "amin" else -1.0
+        out = torch.full((b, k), start, device=device)
+        return out.scatter_reduce_(1, flat, coords, reduce)[:, 1:]
+
+    box = ((extent(ys, "amax") - extent(ys, "amin") + 1)
+           * (extent(xs, "amax") - extent(xs, "amin") + 1))
+    fill = count / box.clamp(min=1)
+    per_object = torch.cat([mean[:, 2:], fill[:, None], (gx - cx - 0.5)[:, None],
+                            (gy - cy - 0.5)[:, None]], dim=1)  # [B, 6, k - 1]
+    # the object each cell describes: the largest ownership value centred there (-1: none);
+    # absent objects go to a spare column
+    cell = torch.where(present, cy * w + cx, torch.full_like(cy, h * w))
+    objects = torch.arange(k - 1, device=device).expand(b, -1)
+    winner = torch.full((b, h * w + 1), -1, device=device, dtype=torch.long)
+    winner = winner.scatter_reduce_(1, cell, objects, "amax")[:, :h * w]
+    has = winner >= 0
+    described = per_object.gather(2, winner.clamp(min=0)[:, None].expand(-1, 6, -1))
+    return torch.cat([has[:, None].float(), described * has[:, None]], dim=1)
+
+
+def object_centre_cells(owner: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """``[B, h*w]`` float: 1 on the cells holding an object's centre (the mean of its pixels),
+    from ownership maps ``owner`` ``[B, H, W]`` (0 background, k+1 object k), the image split
+    evenly into the grid (:func:`object_descriptions`' ``centre``)."""
+    return object_descriptions(owner, None, grid)[:, 0]
 
 
 def time_reasoning(model: CellReasoner, image: torch.Tensor, question: torch.Tensor,
