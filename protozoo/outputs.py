@@ -49,4 +49,3 @@ class VQAOutput(ModelOutput):
     scores: torch.Tensor | None = None  # [B, h, w] hard attention: presence (embedding L2 norm)
     kept: torch.Tensor | None = None  # [B, h, w] bool, hard attention: cells the reasoning saw
     glimpse_logits: torch.Tensor | None = None  # [B, K] han's training signal, not its answer
-    descriptions: torch.Tensor | None = None  # [B, 7, h, w] han's describe head (training signal)

@@ -565,7 +565,7 @@ def test_han_objectness_loss_is_cross_entropy_over_centre_cells():
     assert torch.allclose(terms["loss"], F.cross_entropy(out.logits, labels) + 0.5 * expected)
     terms["objectness"].backward()  # the presence of every cell learns from it
     assert model.embed.conv.weight.grad.abs().sum() > 0
-    with pytest.raises(UserError, match="objectness and describe_epochs need the objects' masks"):
+    with pytest.raises(UserError, match="objectness and describe_steps need the objects' masks"):
         model.objective(out, {"label": labels})
 
 
@@ -579,14 +579,14 @@ def test_han_objectness_targets_once_per_distinct_image():
     owner[1, 31:41, 60:70] = 2
     model = make("han", g_dim=32, f_dim=32, glimpse=0.0, objectness=1.0)
     batch = {"owner": owner[[0, 1, 1, 0]], "image_id": torch.tensor([7, 3, 3, 7])}
-    assert torch.equal(model.object_targets(batch, (5, 5))[:, 0],
+    assert torch.equal(model.object_centres(batch, (5, 5)),
                        object_centre_cells(batch["owner"], (5, 5)))
 
 
 def test_object_descriptions_by_hand():
     """Per cell: centre, mean colour, fill of the bounding box and the centre's offset in cells,
     on the cell holding the centre only; two centres in one cell: the larger ownership value."""
-    from protozoo.models.hard_attention import DESCRIPTION_CHANNELS, object_descriptions
+    from protozoo.description import DESCRIPTION_CHANNELS, object_descriptions
 
     owner = torch.zeros(1, 75, 75, dtype=torch.uint8)
     image = torch.zeros(1, 3, 75, 75)
@@ -609,41 +609,55 @@ def test_object_descriptions_by_hand():
     assert torch.equal(object_descriptions(owner, None, (5, 5))[:, 1:4], torch.zeros(1, 3, 25))
 
 
-def test_han_describe_phase_trains_the_cnn_on_descriptions_alone():
-    """``describe_epochs=E``: a first phase of E epochs trains the CNN and the describe head
-    (at the head's rate) on the description loss alone; then the answer phases, without it."""
-    from protozoo.config import TrainConfig
-    from protozoo.models.hard_attention import object_descriptions
+def test_describe_terms_by_hand():
+    """Centre: BCE on every cell; colour, fill and offset only on the centre cells."""
+    from protozoo.description import describe_terms
 
-    model = make("han", g_dim=32, f_dim=32, describe_epochs=2)
+    target = torch.zeros(1, 7, 4)
+    target[0, :, 1] = torch.tensor([1.0, 0.5, -1.0, 0.0, 1.0, 0.25, -0.25])
+    predicted = torch.zeros(1, 7, 2, 2)
+    predicted[0, :, 0, 0] = torch.tensor([2.0, 9.0, 9.0, 9.0, 9.0, 9.0, 9.0])  # not a centre
+    predicted[0, :, 0, 1] = torch.tensor([0.0, 0.5, -0.5, 1.0, 0.0, 0.0, 0.0])
+    terms = describe_terms(predicted, target)
+    softplus = torch.nn.functional.softplus
+    centre = (softplus(torch.tensor(2.0)) + 3 * math.log(2)) / 4  # -log(1 - s(2)), 3x -log(1/2)
+    assert torch.isclose(terms["describe_centre"], centre)
+    assert torch.isclose(terms["describe_colour"], torch.tensor((0.25 + 1.0) / 3))
+    assert torch.isclose(terms["describe_fill"], torch.tensor(math.log(2)))
+    assert torch.isclose(terms["describe_offset"], torch.tensor(0.0625))
+    assert torch.isclose(terms["describe"], centre + (1.25 / 3) + math.log(2) + 0.625)
+    # cell 0 says "centre" (logit 2 > 0) and cell 1 does not (logit 0): both wrong
+    assert terms["describe_centre_accuracy"] == 0.5
+
+
+def test_han_describe_action_pretrains_the_cnn_before_the_answer(tiny_sort_of_clevr):
+    """``describe_steps=N``: a ``describe`` action first trains the CNN and the describe head
+    alone on the object descriptions (and learns them); the answer's phases then train
+    everything but the describe head."""
+    from protozoo.config import TrainConfig
+    from protozoo.engine import ActionContext, DistInfo
+
+    model = make("han", g_dim=32, f_dim=32, describe_steps=150)
     groups = model.param_groups()
     assert sorted(groups) == ["backbone", "describe", "head"]
     ids = [id(p) for g in groups.values() for p in g]
     assert len(ids) == len(set(ids)) == len(list(model.parameters()))
-    describe, train = model.phases(TrainConfig(model="han", dataset="sort-of-clevr"))
-    assert (describe.name, describe.epochs, describe.loss_weights) == ("describe", 2,
-                                                                       {"describe": 1.0})
-    assert describe.lrs == {"backbone": train.lrs["head"], "describe": train.lrs["head"]}
+    cfg = TrainConfig(model="han", dataset="sort-of-clevr")
+    describe, train = model.phases(cfg)
+    assert (describe.name, describe.action) == ("describe", "describe")
     assert sorted(train.lrs) == ["backbone", "head"] and train.epochs == 45
-    assert [p.name for p in make("han", g_dim=32, f_dim=32).phases(TrainConfig(
-        model="han", dataset="sort-of-clevr"))] == ["train"]
+    assert [p.name for p in make("han", g_dim=32, f_dim=32).phases(cfg)] == ["train"]
 
-    image, question, lengths = random_batch(b=2)
-    owner = torch.zeros(2, 75, 75, dtype=torch.uint8)
-    owner[:, 0:10, 0:10] = 1
-    owner[1, 31:41, 60:70] = 2
-    batch = {"label": torch.tensor([0, 1]), "owner": owner, "image": image}
-    out = model(image, question, lengths)
-    assert out.descriptions.shape == (2, 7, 5, 5)
-    terms = model.objective(out, batch, describe=1.0)
-    target = object_descriptions(owner, image, (5, 5))
-    assert torch.allclose(terms["describe_centre"], F.binary_cross_entropy_with_logits(
-        out.descriptions.flatten(2)[:, 0], target[:, 0]))
-    assert torch.equal(terms["loss"], terms["describe"])
-    terms["loss"].backward()
-    assert model.backbone.body.project.weight.grad.abs().sum() > 0  # the CNN (its zero-init top)
-    assert all(p.grad is None for p in model.reasoner.parameters())  # the answer is not trained
-    assert "describe" not in model.objective(out, batch)  # the answer phase: no description loss
+    reasoner = [p.detach().clone() for p in model.reasoner.parameters()]
+    cnn = model.backbone.body.cnn.stages[0][0].weight.detach().clone()
+    ctx = ActionContext(model, tiny_sort_of_clevr, cfg, DistInfo(), None, None)
+    result = model.actions()["describe"](ctx)
+    assert result["describe/steps"] == 150
+    # 6 of 25 cells hold a centre: "none anywhere" scores 0.76
+    assert result["train/describe_centre_accuracy"] > 0.9
+    assert result["val/describe_centre_accuracy"] > 0.8 and result["val/describe"] < 3
+    assert not torch.equal(model.backbone.body.cnn.stages[0][0].weight, cnn)
+    assert all(torch.equal(a, b) for a, b in zip(reasoner, model.reasoner.parameters()))
 
 
 def test_default_schedule_for_builtin_and_other_data():

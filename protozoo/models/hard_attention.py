@@ -28,7 +28,11 @@ from ..attention import (RelationModule, Selection, cell_norms, resolve_k, selec
 from ..errors import UserError
 from ..outputs import VQAOutput
 from ..registry import register_model
+from ..description import DESCRIPTION_CHANNELS, object_centre_cells
 from .vqa import VQAModel, cells_with_coordinates, distinct_images, uniform_attention
+
+MASKS_NEEDED = ("objectness and describe_steps need the objects' masks (the data's masks/ "
+                "folder, as sort-of-clevr has); train with objectness=0 and describe_steps=0")
 
 @dataclass
 class CellSet:
@@ -41,7 +45,6 @@ class CellSet:
     variable: bool = False  # counts differ between images (AdaHAN): the module must mask
     every_cell: torch.Tensor | None = None  # [B, N, C] all cells, before any selection
     glimpse_logits: torch.Tensor | None = None  # [B, K] han's auxiliary answer (training only)
-    descriptions: torch.Tensor | None = None  # [B, 7, h, w] han's describe head (training only)
 
     def without_selection(self) -> CellSet:
         """The same cells with every one kept: what a Relation Network over all cells reads."""
@@ -170,7 +173,7 @@ class HAN(CellReasoner):
                  unit_cells: bool = True, cell_features: bool = True,
                  g_dim: int = 128, g_layers: int = 3, f_dim: int = 128, dropout: float = 0.5,
                  film: bool = True, distance: bool = True, glimpse: float = 1.0,
-                 pair_pool: str = "sum", objectness: float = 0.0, describe_epochs: int = 0):
+                 pair_pool: str = "sum", objectness: float = 0.0, describe_steps: int = 0):
         """
         Args:
             embed_dim: channels of the 1x1-conv cell embeddings (whose norm is the presence).
@@ -262,10 +265,10 @@ class HAN(CellReasoner):
         self.embed = CellEmbedding(bb.channels, question_dim, embed_dim, fusion)
         cell_dim = embed_dim + (bb.channels if cell_features else 0) + 2  # + (x, y)
         self.glimpse, self.objectness = glimpse, objectness
-        if int(describe_epochs) != describe_epochs or describe_epochs < 0:
-            raise ValueError(f"describe_epochs must be a whole number >= 0, got {describe_epochs}")
-        self.describe_epochs = int(describe_epochs)
-        if self.describe_epochs:
+        if int(describe_steps) != describe_steps or describe_steps < 0:
+            raise ValueError(f"describe_steps must be a whole number >= 0, got {describe_steps}")
+        self.describe_steps = int(describe_steps)
+        if self.describe_steps:
             self.describe_head = nn.Sequential(
                 nn.Conv2d(bb.channels, f_dim, 1), nn.ReLU(inplace=True),
                 nn.Conv2d(f_dim, len(DESCRIPTION_CHANNELS), 1))
@@ -298,25 +301,20 @@ class HAN(CellReasoner):
                            located if self.cell_features else located[..., -2:]], dim=2)
         selection = (select_adaptive(cells, scores) if self.adaptive
                      else select_top_k(cells, scores, self.top_k))
-        descriptions = self.describe_head(features) if self.describe_epochs else None
         return CellSet(selection, q, tuple(embeddings.shape[-2:]), presence, self.adaptive,
-                       cells, glimpse, descriptions)
+                       cells, glimpse)
 
-    def object_targets(self, batch: dict, grid: tuple[int, int],
-                       colours: bool = False) -> torch.Tensor:
-        """:func:`object_descriptions` of the batch's ownership maps (and, with ``colours``, its
-        images), computed once per distinct image; a one-line error when the data has none."""
+    def object_centres(self, batch: dict, grid: tuple[int, int]) -> torch.Tensor:
+        """:func:`object_centre_cells` of the batch's ownership maps, computed once per distinct
+        image; a one-line error when the data has none."""
         if "owner" not in batch:
-            raise UserError("objectness and describe_epochs need the objects' masks (the data's "
-                            "masks/ folder, as sort-of-clevr has); train with objectness=0 and "
-                            "describe_epochs=0")
-        owner, image = batch["owner"], batch["image"] if colours else None
+            raise UserError(MASKS_NEEDED)
+        owner = batch["owner"]
         distinct = distinct_images(batch, owner.device)
         if distinct is None:
-            return object_descriptions(owner, image, grid)
+            return object_centre_cells(owner, grid)
         first, index = distinct
-        image = None if image is None else image[first.to(image.device)]
-        return object_descriptions(owner[first], image, grid)[index]
+        return object_centre_cells(owner[first], grid)[index]
 
     def presence_glimpse(self, located: torch.Tensor, presence: torch.Tensor,
                          question: torch.Tensor) -> torch.Tensor:
@@ -335,13 +333,13 @@ class HAN(CellReasoner):
         b = len(kept)
         return VQAOutput(logits=logits, stride=self.stride, attention=attention.view(b, 1, h, w),
                          scores=cells.scores.view(b, h, w), kept=kept.view(b, h, w),
-                         glimpse_logits=cells.glimpse_logits, descriptions=cells.descriptions)
+                         glimpse_logits=cells.glimpse_logits)
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        """``backbone`` and ``head``, and ``describe`` (the describe head, trained only in the
-        ``describe`` phase) when ``describe_epochs`` > 0."""
+        """``backbone`` and ``head``, and ``describe`` (the describe head, trained only by the
+        ``describe`` action) when ``describe_steps`` > 0."""
         groups = super().param_groups()
-        if not self.describe_epochs:
+        if not self.describe_steps:
             return groups
         describe = list(self.describe_head.parameters())
         ids = {id(p) for p in describe}
@@ -349,56 +347,31 @@ class HAN(CellReasoner):
                 "head": [p for p in groups["head"] if id(p) not in ids]}
 
     def phases(self, cfg: TrainConfig) -> list[Phase]:
-        """:meth:`VQAModel.phases`, after a ``describe`` phase of ``describe_epochs`` when there
-        is one: the CNN and the describe head alone, at the head's learning rate with a cosine
-        decay, on the description loss alone (:meth:`describe_terms`); the describe head is
-        frozen after it."""
+        """:meth:`VQAModel.phases`, after the ``describe`` action when ``describe_steps`` > 0
+        (:func:`protozoo.description.describe_action`); the describe head stays frozen in the
+        answer's phases."""
         answer = super().phases(cfg)
-        if not self.describe_epochs:
+        if not self.describe_steps:
             return answer
-        lr = answer[0].lrs["head"]
         answer = [replace(p, lrs={g: v for g, v in p.lrs.items() if g != "describe"})
                   for p in answer]
-        return [Phase("describe", self.describe_epochs, {"backbone": lr, "describe": lr},
-                      {"describe": 1.0}, weight_decay=cfg.weight_decay, schedule="cosine"),
-                *answer]
+        return [Phase("describe", action="describe"), *answer]
 
-    def describe_terms(self, output: VQAOutput, batch: dict) -> dict[str, torch.Tensor]:
-        """The description loss of the ``describe`` phase (``describe``, logged with its parts)
-        against :func:`object_descriptions` of the batch: a binary cross-entropy of ``centre``
-        on every cell; on the cells holding an object's centre, the squared error of the
-        colour, a binary cross-entropy of the fill (a soft target) and the squared error of the
-        offset (predicted as ``tanh / 2``, weighted 10: its targets are within half a cell)."""
-        predicted = output.descriptions.flatten(2).float()  # [B, 7, N]
-        target = self.object_targets(batch, tuple(output.descriptions.shape[-2:]), colours=True)
-        target = target.to(predicted.device)
-        on = target[:, 0] > 0
-        p, t = predicted.transpose(1, 2)[on], target.transpose(1, 2)[on]  # [M, 7]
-        terms = {"describe_centre": F.binary_cross_entropy_with_logits(predicted[:, 0],
-                                                                       target[:, 0]),
-                 "describe_colour": F.mse_loss(p[:, 1:4], t[:, 1:4]),
-                 "describe_fill": F.binary_cross_entropy_with_logits(p[:, 4], t[:, 4]),
-                 "describe_offset": F.mse_loss(torch.tanh(p[:, 5:]) / 2, t[:, 5:])}
-        terms["describe"] = (terms["describe_centre"] + terms["describe_colour"]
-                             + terms["describe_fill"] + 10 * terms["describe_offset"])
-        return terms
+    def actions(self) -> dict:
+        from ..description import describe_action
+
+        return {"describe": describe_action} if self.describe_steps else {}
 
     def objective(self, output: VQAOutput, batch: dict, **weights: float) -> dict:
         """Cross-entropy of the answer, plus ``glimpse`` x the glimpse's cross-entropy (logged
-        as ``glimpse``) when the model has one, plus ``objectness`` x its loss. In the
-        ``describe`` phase (weight ``describe``), the description loss alone
-        (:meth:`describe_terms`; the answer's cross-entropy is only logged)."""
+        as ``glimpse``) when the model has one, plus ``objectness`` x its loss."""
         terms = super().objective(output, batch, **weights)
-        if weights.get("describe"):
-            terms.update(self.describe_terms(output, batch))
-            terms["loss"] = weights["describe"] * terms["describe"]
-            return terms
         if output.glimpse_logits is not None:
             aux = losses.cross_entropy(output.glimpse_logits, batch["label"])
             terms["glimpse"] = aux
             terms["loss"] = terms["loss"] + self.glimpse * aux
         if self.objectness > 0:
-            target = self.object_targets(batch, tuple(output.scores.shape[-2:]))[:, 0]
+            target = self.object_centres(batch, tuple(output.scores.shape[-2:]))
             target = target.to(output.scores.device)
             aux = losses.cross_entropy(output.scores.flatten(1),
                                        target / target.sum(1, keepdim=True).clamp(min=1))
@@ -435,73 +408,6 @@ class RelationNetwork(CellReasoner):
         h, w = cells.grid
         return VQAOutput(logits=logits, stride=self.stride,
                          attention=uniform_attention(len(logits), h, w, logits))
-
-
-DESCRIPTION_CHANNELS = ("centre", "red", "green", "blue", "fill", "offset_x", "offset_y")
-
-
-def object_descriptions(owner: torch.Tensor, image: torch.Tensor | None,
-                        grid: tuple[int, int]) -> torch.Tensor:
-    """What each cell of the ``grid`` should say about the objects, from ownership maps
-    ``owner`` ``[B, H, W]`` (0 background, k+1 object k) and the images ``[B, 3, H, W]`` they
-    belong to (the image split evenly into the grid): ``[B, 7, h*w]``, channels
-    :data:`DESCRIPTION_CHANNELS` --
-
-    * ``centre``: 1 on a cell holding an object's centre (the mean of its pixels), else 0;
-    * on such a cell, that object's mean colour in ``image`` (3 channels, the image's units), the
-      share of its bounding box it fills (1 for a square, about pi/4 for a disc) and its centre's
-      offset from the cell's centre in cells, (x, y) in [-0.5, 0.5); 0 on the other cells.
-
-    Where two centres share a cell, the object with the larger ownership value describes it.
-    ``image=None`` leaves the colours 0 (``centre`` alone is :func:`object_centre_cells`)."""
-    b, height, width = owner.shape
-    h, w = grid
-    device = owner.device
-    flat = owner.reshape(b, -1).long()
-    k = int(flat.max()) + 1 if flat.numel() else 1
-    ys, xs = torch.meshgrid(torch.arange(height, device=device, dtype=torch.float32),
-                            torch.arange(width, device=device, dtype=torch.float32),
-                            indexing="ij")
-    ys, xs = ys.reshape(1, -1).expand(b, -1), xs.reshape(1, -1).expand(b, -1)
-    colour = (image.reshape(b, image.shape[1], -1).float() if image is not None
-              else torch.zeros(b, 3, height * width, device=device))
-    values = torch.cat([torch.ones_like(ys)[:, None], ys[:, None], xs[:, None], colour], dim=1)
-    # [B, 6, k]: pixels, sum of y, x and the colours per ownership value, in one pass
-    sums = torch.zeros(b, values.shape[1], k, device=device)
-    sums.scatter_add_(2, flat[:, None].expand(-1, values.shape[1], -1), values)
-    count = sums[:, 0, 1:]
-    present = count > 0
-    mean = sums[:, 1:, 1:] / count.clamp(min=1)[:, None]  # [B, 5, k - 1]: y, x, colour
-    gy = (mean[:, 0] + 0.5) * h / height  # the centre, in cells
-    gx = (mean[:, 1] + 0.5) * w / width
-    cy, cx = gy.long().clamp(0, h - 1), gx.long().clamp(0, w - 1)
-
-    def extent(coords, reduce):  # [B, k - 1] per object: min or max of a pixel coordinate
-        start = float(max(height, width)) if reduce == "amin" else -1.0
-        out = torch.full((b, k), start, device=device)
-        return out.scatter_reduce_(1, flat, coords, reduce)[:, 1:]
-
-    box = ((extent(ys, "amax") - extent(ys, "amin") + 1)
-           * (extent(xs, "amax") - extent(xs, "amin") + 1))
-    fill = count / box.clamp(min=1)
-    per_object = torch.cat([mean[:, 2:], fill[:, None], (gx - cx - 0.5)[:, None],
-                            (gy - cy - 0.5)[:, None]], dim=1)  # [B, 6, k - 1]
-    # the object each cell describes: the largest ownership value centred there (-1: none);
-    # absent objects go to a spare column
-    cell = torch.where(present, cy * w + cx, torch.full_like(cy, h * w))
-    objects = torch.arange(k - 1, device=device).expand(b, -1)
-    winner = torch.full((b, h * w + 1), -1, device=device, dtype=torch.long)
-    winner = winner.scatter_reduce_(1, cell, objects, "amax")[:, :h * w]
-    has = winner >= 0
-    described = per_object.gather(2, winner.clamp(min=0)[:, None].expand(-1, 6, -1))
-    return torch.cat([has[:, None].float(), described * has[:, None]], dim=1)
-
-
-def object_centre_cells(owner: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """``[B, h*w]`` float: 1 on the cells holding an object's centre (the mean of its pixels),
-    from ownership maps ``owner`` ``[B, H, W]`` (0 background, k+1 object k), the image split
-    evenly into the grid (:func:`object_descriptions`' ``centre``)."""
-    return object_descriptions(owner, None, grid)[:, 0]
 
 
 def time_reasoning(model: CellReasoner, image: torch.Tensor, question: torch.Tensor,

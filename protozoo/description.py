@@ -1,0 +1,184 @@
+"""Object descriptions per cell, and ``han``'s ``describe`` action: pretraining its CNN so that
+each cell holding an object's centre describes that object.
+
+Why it exists. Malinowski et al.'s hard attention (ECCV 2018) reads cells of a *pretrained*
+backbone, whose norms and features already mark objects; on Sort-of-CLEVR from scratch the cells
+are not objects -- an ~11 px object spreads over ~2.5 of the 15 px cells, and the relation
+module over the kept cells counts cells, not objects (``docs/han-relational.md``). The
+``describe`` action gives ``han`` the pretrained backbone the paper assumes, learnt from the
+data's ownership maps (the objects' masks) before any question: for ``describe_steps`` steps of
+:data:`DESCRIBE_BATCH` distinct training images it trains the CNN and a small head (1x1 conv,
+ReLU, 1x1 conv) to say, on every cell, whether it holds an object's centre and, on such a cell,
+the object's colour, how much of its bounding box it fills (the shape) and where in the cell its
+centre lies (:func:`object_descriptions`). The answer's training then starts from that CNN.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, RandomSampler, Subset
+
+from .errors import UserError
+
+DESCRIBE_BATCH = 64  # distinct images a step
+DESCRIBE_LR = 1e-3  # Adam, cosine decay over the steps
+DESCRIBE_VAL_IMAGES = 1000  # validation images the logged figures are measured on
+
+
+DESCRIPTION_CHANNELS = ("centre", "red", "green", "blue", "fill", "offset_x", "offset_y")
+
+
+def object_descriptions(owner: torch.Tensor, image: torch.Tensor | None,
+                        grid: tuple[int, int]) -> torch.Tensor:
+    """What each cell of the ``grid`` should say about the objects, from ownership maps
+    ``owner`` ``[B, H, W]`` (0 background, k+1 object k) and the images ``[B, 3, H, W]`` they
+    belong to (the image split evenly into the grid): ``[B, 7, h*w]``, channels
+    :data:`DESCRIPTION_CHANNELS` --
+
+    * ``centre``: 1 on a cell holding an object's centre (the mean of its pixels), else 0;
+    * on such a cell, that object's mean colour in ``image`` (3 channels, the image's units), the
+      share of its bounding box it fills (1 for a square, about pi/4 for a disc) and its centre's
+      offset from the cell's centre in cells, (x, y) in [-0.5, 0.5); 0 on the other cells.
+
+    Where two centres share a cell, the object with the larger ownership value describes it.
+    ``image=None`` leaves the colours 0 (``centre`` alone is :func:`object_centre_cells`)."""
+    b, height, width = owner.shape
+    h, w = grid
+    device = owner.device
+    flat = owner.reshape(b, -1).long()
+    k = int(flat.max()) + 1 if flat.numel() else 1
+    ys, xs = torch.meshgrid(torch.arange(height, device=device, dtype=torch.float32),
+                            torch.arange(width, device=device, dtype=torch.float32),
+                            indexing="ij")
+    ys, xs = ys.reshape(1, -1).expand(b, -1), xs.reshape(1, -1).expand(b, -1)
+    colour = (image.reshape(b, image.shape[1], -1).float() if image is not None
+              else torch.zeros(b, 3, height * width, device=device))
+    values = torch.cat([torch.ones_like(ys)[:, None], ys[:, None], xs[:, None], colour], dim=1)
+    # [B, 6, k]: pixels, sum of y, x and the colours per ownership value, in one pass
+    sums = torch.zeros(b, values.shape[1], k, device=device)
+    sums.scatter_add_(2, flat[:, None].expand(-1, values.shape[1], -1), values)
+    count = sums[:, 0, 1:]
+    present = count > 0
+    mean = sums[:, 1:, 1:] / count.clamp(min=1)[:, None]  # [B, 5, k - 1]: y, x, colour
+    gy = (mean[:, 0] + 0.5) * h / height  # the centre, in cells
+    gx = (mean[:, 1] + 0.5) * w / width
+    cy, cx = gy.long().clamp(0, h - 1), gx.long().clamp(0, w - 1)
+
+    def extent(coords, reduce):  # [B, k - 1] per object: min or max of a pixel coordinate
+        start = float(max(height, width)) if reduce == "amin" else -1.0
+        out = torch.full((b, k), start, device=device)
+        return out.scatter_reduce_(1, flat, coords, reduce)[:, 1:]
+
+    box = ((extent(ys, "amax") - extent(ys, "amin") + 1)
+           * (extent(xs, "amax") - extent(xs, "amin") + 1))
+    fill = count / box.clamp(min=1)
+    per_object = torch.cat([mean[:, 2:], fill[:, None], (gx - cx - 0.5)[:, None],
+                            (gy - cy - 0.5)[:, None]], dim=1)  # [B, 6, k - 1]
+    # the object each cell describes: the largest ownership value centred there (-1: none);
+    # absent objects go to a spare column
+    cell = torch.where(present, cy * w + cx, torch.full_like(cy, h * w))
+    objects = torch.arange(k - 1, device=device).expand(b, -1)
+    winner = torch.full((b, h * w + 1), -1, device=device, dtype=torch.long)
+    winner = winner.scatter_reduce_(1, cell, objects, "amax")[:, :h * w]
+    has = winner >= 0
+    described = per_object.gather(2, winner.clamp(min=0)[:, None].expand(-1, 6, -1))
+    return torch.cat([has[:, None].float(), described * has[:, None]], dim=1)
+
+
+def object_centre_cells(owner: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """``[B, h*w]`` float: 1 on the cells holding an object's centre (the mean of its pixels),
+    from ownership maps ``owner`` ``[B, H, W]`` (0 background, k+1 object k), the image split
+    evenly into the grid (:func:`object_descriptions`' ``centre``)."""
+    return object_descriptions(owner, None, grid)[:, 0]
+
+
+def describe_terms(predicted: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The description loss (``describe``) and its parts, for the describe head's ``predicted``
+    ``[B, 7, h, w]`` against :func:`object_descriptions`' ``target`` ``[B, 7, h*w]``: a binary
+    cross-entropy of ``centre`` on every cell; on the cells holding an object's centre, the
+    squared error of the colour, a binary cross-entropy of the fill (a soft target) and the
+    squared error of the offset, predicted as ``tanh / 2`` and weighted 10 (its targets lie
+    within half a cell). Also ``describe_centre_accuracy``, the share of cells whose centre
+    logit has the right sign (not a loss term)."""
+    predicted = predicted.flatten(2).float()
+    target = target.to(predicted.device)
+    on = target[:, 0] > 0
+    p, t = predicted.transpose(1, 2)[on], target.transpose(1, 2)[on]  # [M, 7]
+    terms = {"describe_centre": F.binary_cross_entropy_with_logits(predicted[:, 0],
+                                                                   target[:, 0]),
+             "describe_colour": F.mse_loss(p[:, 1:4], t[:, 1:4]),
+             "describe_fill": F.binary_cross_entropy_with_logits(p[:, 4], t[:, 4]),
+             "describe_offset": F.mse_loss(torch.tanh(p[:, 5:]) / 2, t[:, 5:])}
+    terms["describe"] = (terms["describe_centre"] + terms["describe_colour"]
+                         + terms["describe_fill"] + 10 * terms["describe_offset"])
+    terms["describe_centre_accuracy"] = ((predicted[:, 0] > 0) == on).float().mean()
+    return terms
+
+
+def _distinct_images(dataset) -> Subset:
+    """One item (its first question) per image of a VQA ``dataset``."""
+    _, first = np.unique(np.asarray(dataset.image_indices), return_index=True)
+    return Subset(dataset, np.sort(first).tolist())
+
+
+def _describe(model, batch: dict, device) -> dict[str, torch.Tensor]:
+    image = batch["image"].to(device)
+    predicted = model.describe_head(model.backbone(image))
+    target = object_descriptions(batch["owner"].to(device), image, tuple(predicted.shape[-2:]))
+    return describe_terms(predicted, target)
+
+
+def describe_action(ctx) -> dict:
+    """The engine's ``describe`` action for ``han`` (``describe_steps`` > 0): trains the CNN and
+    the describe head for ``describe_steps`` steps of :data:`DESCRIBE_BATCH` distinct training
+    images (drawn with replacement, seeded by ``--seed``; Adam at :data:`DESCRIBE_LR`, cosine
+    decay, float32) on :func:`describe_terms`, and logs the mean terms of the last 100 steps
+    (``train/...``) and on up to :data:`DESCRIBE_VAL_IMAGES` validation images (``val/...``).
+    With several processes every rank runs the same steps, then takes rank 0's weights."""
+    model, device, steps = ctx.model, ctx.dist.device, ctx.model.describe_steps
+    train = ctx.data.train
+    if not getattr(train, "has_masks", False):
+        raise UserError("describe_steps needs the objects' masks (the data's masks/ folder, as "
+                        "sort-of-clevr has); train with describe_steps=0")
+    images = _distinct_images(train)
+    generator = torch.Generator().manual_seed(int(ctx.cfg.seed))
+    loader = DataLoader(images, batch_size=DESCRIBE_BATCH, num_workers=ctx.cfg.workers,
+                        sampler=RandomSampler(images, replacement=True, generator=generator,
+                                              num_samples=steps * DESCRIBE_BATCH))
+    params = [*model.backbone.parameters(), *model.describe_head.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(params, lr=DESCRIBE_LR)
+    cosine = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps)))
+    was_training = model.training
+    model.train()
+    recent: list[dict[str, float]] = []
+    for batch in loader:
+        terms = _describe(model, batch, device)
+        optimizer.zero_grad(set_to_none=True)
+        terms["describe"].backward()
+        optimizer.step()
+        cosine.step()
+        recent = [*recent[-99:], {k: float(v.detach()) for k, v in terms.items()}]
+    model.eval()
+    val = _distinct_images(ctx.data.val)
+    val = Subset(val, list(range(min(len(val), DESCRIBE_VAL_IMAGES))))
+    sums: dict[str, float] = {}
+    with torch.no_grad():
+        for batch in DataLoader(val, batch_size=250, num_workers=ctx.cfg.workers):
+            n = len(batch["image"])
+            for k, v in _describe(model, batch, device).items():
+                sums[k] = sums.get(k, 0.0) + float(v) * n
+    model.train(was_training)
+    if ctx.dist.enabled:
+        for tensor in [*model.backbone.state_dict().values(),
+                       *model.describe_head.state_dict().values()]:
+            torch.distributed.broadcast(tensor, src=0)
+    out = {"describe/steps": steps}
+    out.update({f"train/{k}": sum(r[k] for r in recent) / len(recent) for k in recent[0]})
+    out.update({f"val/{k}": v / len(val) for k, v in sums.items()})
+    return out
