@@ -264,10 +264,11 @@ def test_model_argument_that_fails_on_data_is_caught_before_the_run_folder(tmp_p
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("arg", ["objectness=1", "describe_steps=10"])
 def test_a_loss_the_data_cannot_feed_is_caught_before_the_run_folder(tmp_path, monkeypatch,
-                                                                     capsys):
-    # han's objectness loss needs the objects' masks: Sort-of-CLEVR's files read as plain
-    # CLEVR without their masks/ folder have none
+                                                                     capsys, arg):
+    # han's objectness loss and describe action need the objects' masks: Sort-of-CLEVR's files
+    # read as plain CLEVR without their masks/ folder have none
     import shutil
 
     from protozoo.data.sort_of_clevr import ensure_sort_of_clevr
@@ -276,9 +277,9 @@ def test_a_loss_the_data_cannot_feed_is_caught_before_the_run_folder(tmp_path, m
     root = ensure_sort_of_clevr(tmp_path / "cache", num_train=12, num_test=4)
     shutil.rmtree(root / "masks")
     argv = ["--model", "han", "--dataset", "clevr", "--data-dir", str(root), "--model-arg",
-            "objectness=1", "--out", "run"]
+            arg, "--out", "run"]
     assert run_cli(train.main, argv) == 2
-    assert "objectness needs the objects' masks" in _one_error_line(capsys.readouterr().err)
+    assert "need the objects' masks" in _one_error_line(capsys.readouterr().err)
     assert not (tmp_path / "run").exists()
 
 

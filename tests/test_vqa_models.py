@@ -596,7 +596,7 @@ def test_object_descriptions_by_hand():
     ys, xs = torch.meshgrid(torch.arange(75.0), torch.arange(75.0), indexing="ij")
     disc = (ys + 0.5 - 40.0) ** 2 + (xs + 0.5 - 52.0) ** 2 <= 25.0  # centre (52, 40) px
     owner[0][disc] = 3
-    owner[0, 44:46, 58:60] = 2  # centre (59, 45) px: cell (3, 3) too, but 2 < 3
+    owner[0, 31:33, 45:47] = 2  # centre (46, 32) px: cell (2, 3) too, but 2 < 3
     d = object_descriptions(owner, image, (5, 5)).view(1, 7, 5, 5)[0]
     assert DESCRIPTION_CHANNELS[0] == "centre" and d.shape[0] == len(DESCRIPTION_CHANNELS)
     assert d[0].nonzero().tolist() == [[0, 0], [2, 3]]

@@ -247,6 +247,18 @@ class HAN(CellReasoner):
                 against 0.162 (0.728) for the default trained the same way (non-relational
                 0.988, relational 0.775) -- so with the objects in view, the reasoning over
                 cells is what falls short.
+            describe_steps: steps of the ``describe`` action (ours, 0 by default: off; it needs
+                the data's ownership maps, as ``objectness`` does): before the answer's
+                training, the CNN and a small head learn for this many steps of 64 distinct
+                training images to say, on each cell, whether it holds an object's centre and,
+                if so, that object's colour, fill and offset within the cell
+                (:mod:`protozoo.description`) -- the pretrained backbone the paper's hard
+                attention reads, learnt from the masks instead of ImageNet. With
+                ``objectness=1`` it is what lifts the relational questions; see the README's
+                table and ``docs/han-relational.md`` ("A CNN pretrained to describe objects").
+                Fewer steps can leave the answer's training at the prior: with 1,500 steps it
+                stayed at the answer prior for 5 epochs in two runs (ImageNet-normalised
+                images, as ``train.py`` feeds ``rn_cnn_rgb``), with 3,000 it left it at once.
             The paper's HAN is ``fusion="sum", unit_cells=False, cell_features=False,
             film=False, distance=False, glimpse=0, pair_pool="sum", g_dim=256, g_layers=4,
             f_dim=256``.
@@ -364,7 +376,11 @@ class HAN(CellReasoner):
 
     def objective(self, output: VQAOutput, batch: dict, **weights: float) -> dict:
         """Cross-entropy of the answer, plus ``glimpse`` x the glimpse's cross-entropy (logged
-        as ``glimpse``) when the model has one, plus ``objectness`` x its loss."""
+        as ``glimpse``) when the model has one, plus ``objectness`` x its loss. Data without the
+        objects' masks is a one-line error when ``objectness`` or ``describe_steps`` needs them
+        (so ``train.py``'s dry run catches it before the run folder is written)."""
+        if self.describe_steps and "owner" not in batch:
+            raise UserError(MASKS_NEEDED)
         terms = super().objective(output, batch, **weights)
         if output.glimpse_logits is not None:
             aux = losses.cross_entropy(output.glimpse_logits, batch["label"])
