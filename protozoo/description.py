@@ -108,10 +108,14 @@ def describe_terms(predicted: torch.Tensor, target: torch.Tensor) -> dict[str, t
     on = target[:, 0] > 0
     p, t = predicted.transpose(1, 2)[on], target.transpose(1, 2)[on]  # [M, 7]
     terms = {"describe_centre": F.binary_cross_entropy_with_logits(predicted[:, 0],
-                                                                   target[:, 0]),
-             "describe_colour": F.mse_loss(p[:, 1:4], t[:, 1:4]),
-             "describe_fill": F.binary_cross_entropy_with_logits(p[:, 4], t[:, 4]),
-             "describe_offset": F.mse_loss(torch.tanh(p[:, 5:]) / 2, t[:, 5:])}
+                                                                   target[:, 0])}
+    if len(p):
+        terms.update(describe_colour=F.mse_loss(p[:, 1:4], t[:, 1:4]),
+                     describe_fill=F.binary_cross_entropy_with_logits(p[:, 4], t[:, 4]),
+                     describe_offset=F.mse_loss(torch.tanh(p[:, 5:]) / 2, t[:, 5:]))
+    else:  # no object in the batch: nothing to describe (0, still in the graph)
+        zero = predicted.sum() * 0
+        terms.update(describe_colour=zero, describe_fill=zero, describe_offset=zero)
     terms["describe"] = (terms["describe_centre"] + terms["describe_colour"]
                          + terms["describe_fill"] + 10 * terms["describe_offset"])
     terms["describe_centre_accuracy"] = ((predicted[:, 0] > 0) == on).float().mean()

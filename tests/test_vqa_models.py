@@ -628,6 +628,10 @@ def test_describe_terms_by_hand():
     assert torch.isclose(terms["describe"], centre + (1.25 / 3) + math.log(2) + 0.625)
     # cell 0 says "centre" (logit 2 > 0) and cell 1 does not (logit 0): both wrong
     assert terms["describe_centre_accuracy"] == 0.5
+    empty = describe_terms(predicted, torch.zeros(1, 7, 4))  # no object: nothing to describe
+    assert [float(empty[k]) for k in ("describe_colour", "describe_fill", "describe_offset")] \
+        == [0.0, 0.0, 0.0]
+    assert torch.isclose(empty["describe"], empty["describe_centre"])
 
 
 def test_han_describe_action_pretrains_the_cnn_before_the_answer(tiny_sort_of_clevr):
