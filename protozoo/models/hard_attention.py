@@ -256,9 +256,11 @@ class HAN(CellReasoner):
                 attention reads, learnt from the masks instead of ImageNet. With
                 ``objectness=1`` it is what lifts the relational questions; see the README's
                 table and ``docs/han-relational.md`` ("A CNN pretrained to describe objects").
-                Fewer steps can leave the answer's training at the prior: with 1,500 steps it
-                stayed at the answer prior for 5 epochs in two runs (ImageNet-normalised
-                images, as ``train.py`` feeds ``rn_cnn_rgb``), with 3,000 it left it at once.
+                Measured on sort-of-clevr (``train.py``, 45 epochs, ``--amp bf16``, one thread):
+                ``describe_steps=3000 objectness=1`` non-relational 0.995 / 0.994, relational
+                0.878 / 0.886 (seeds 0 / 1). Fewer steps can leave the answer's training at
+                the prior: with 1,500 it stayed there for 4-5 epochs in two runs (stopped);
+                with 3,000 it left it at once.
             The paper's HAN is ``fusion="sum", unit_cells=False, cell_features=False,
             film=False, distance=False, glimpse=0, pair_pool="sum", g_dim=256, g_layers=4,
             f_dim=256``.
