@@ -26,9 +26,38 @@ from .errors import UserError
 DESCRIBE_BATCH = 64  # distinct images a step
 DESCRIBE_LR = 1e-3  # Adam, cosine decay over the steps
 DESCRIBE_VAL_IMAGES = 1000  # validation images the logged figures are measured on
-
-
 DESCRIPTION_CHANNELS = ("centre", "red", "green", "blue", "fill", "offset_x", "offset_y")
+MASKS_NEEDED = ("objectness and describe_steps need the objects' masks (the data's masks/ "
+                "folder, as sort-of-clevr has); train with objectness=0 and describe_steps=0")
+
+
+def _object_centres(owner: torch.Tensor, grid: tuple[int, int],
+                    colour: torch.Tensor | None = None):
+    """Per ownership value 1..k-1 of ``owner`` ``[B, H, W]``, in one scatter pass: the pixel
+    count ``[B, k-1]``, the centre (the mean of its pixels) in cells ``(gy, gx)`` and the cell
+    index holding it (``h*w`` for an absent value: a spare column), and the mean of ``colour``
+    ``[B, C, H*W]`` over its pixels ``[B, C, k-1]`` when given."""
+    b, height, width = owner.shape
+    h, w = grid
+    device = owner.device
+    flat = owner.reshape(b, -1).long()
+    k = int(flat.max()) + 1 if flat.numel() else 1
+    ys, xs = torch.meshgrid(torch.arange(height, device=device, dtype=torch.float32),
+                            torch.arange(width, device=device, dtype=torch.float32),
+                            indexing="ij")
+    ys, xs = ys.reshape(1, -1), xs.reshape(1, -1)
+    values = torch.stack([torch.ones_like(ys), ys, xs], dim=1).expand(b, -1, -1)  # no copy
+    if colour is not None:
+        values = torch.cat([values, colour], dim=1)
+    sums = torch.zeros(b, values.shape[1], k, device=device)
+    sums.scatter_add_(2, flat[:, None].expand(-1, values.shape[1], -1), values)
+    count = sums[:, 0, 1:]
+    mean = sums[:, 1:, 1:] / count.clamp(min=1)[:, None]  # [B, 2 + C, k - 1]: y, x, colour
+    gy = (mean[:, 0] + 0.5) * h / height
+    gx = (mean[:, 1] + 0.5) * w / width
+    cell = gy.long().clamp(0, h - 1) * w + gx.long().clamp(0, w - 1)
+    cell = torch.where(count > 0, cell, torch.full_like(cell, h * w))
+    return flat, (ys, xs), count, gy, gx, cell, mean[:, 2:]
 
 
 def object_descriptions(owner: torch.Tensor, image: torch.Tensor | None,
@@ -38,50 +67,35 @@ def object_descriptions(owner: torch.Tensor, image: torch.Tensor | None,
     belong to (the image split evenly into the grid): ``[B, 7, h*w]``, channels
     :data:`DESCRIPTION_CHANNELS` --
 
-    * ``centre``: 1 on a cell holding an object's centre (the mean of its pixels), else 0;
+    * ``centre``: 1 on a cell holding an object's centre (the mean of its pixels), else 0
+      (:func:`object_centre_cells`);
     * on such a cell, that object's mean colour in ``image`` (3 channels, the image's units), the
       share of its bounding box it fills (1 for a square, about pi/4 for a disc) and its centre's
       offset from the cell's centre in cells, (x, y) in [-0.5, 0.5); 0 on the other cells.
 
     Where two centres share a cell, the object with the larger ownership value describes it.
-    ``image=None`` leaves the colours 0 (``centre`` alone is :func:`object_centre_cells`)."""
+    ``image=None`` leaves the colours 0."""
     b, height, width = owner.shape
     h, w = grid
-    device = owner.device
-    flat = owner.reshape(b, -1).long()
-    k = int(flat.max()) + 1 if flat.numel() else 1
-    ys, xs = torch.meshgrid(torch.arange(height, device=device, dtype=torch.float32),
-                            torch.arange(width, device=device, dtype=torch.float32),
-                            indexing="ij")
-    ys, xs = ys.reshape(1, -1).expand(b, -1), xs.reshape(1, -1).expand(b, -1)
     colour = (image.reshape(b, image.shape[1], -1).float() if image is not None
-              else torch.zeros(b, 3, height * width, device=device))
-    values = torch.cat([torch.ones_like(ys)[:, None], ys[:, None], xs[:, None], colour], dim=1)
-    # [B, 6, k]: pixels, sum of y, x and the colours per ownership value, in one pass
-    sums = torch.zeros(b, values.shape[1], k, device=device)
-    sums.scatter_add_(2, flat[:, None].expand(-1, values.shape[1], -1), values)
-    count = sums[:, 0, 1:]
-    present = count > 0
-    mean = sums[:, 1:, 1:] / count.clamp(min=1)[:, None]  # [B, 5, k - 1]: y, x, colour
-    gy = (mean[:, 0] + 0.5) * h / height  # the centre, in cells
-    gx = (mean[:, 1] + 0.5) * w / width
-    cy, cx = gy.long().clamp(0, h - 1), gx.long().clamp(0, w - 1)
+              else torch.zeros(b, 3, height * width, device=owner.device))
+    flat, (ys, xs), count, gy, gx, cell, colour = _object_centres(owner, grid, colour)
+    k = count.shape[1] + 1
 
     def extent(coords, reduce):  # [B, k - 1] per object: min or max of a pixel coordinate
         start = float(max(height, width)) if reduce == "amin" else -1.0
-        out = torch.full((b, k), start, device=device)
-        return out.scatter_reduce_(1, flat, coords, reduce)[:, 1:]
+        out = torch.full((b, k), start, device=owner.device)
+        return out.scatter_reduce_(1, flat, coords.expand(b, -1), reduce)[:, 1:]
 
     box = ((extent(ys, "amax") - extent(ys, "amin") + 1)
            * (extent(xs, "amax") - extent(xs, "amin") + 1))
     fill = count / box.clamp(min=1)
-    per_object = torch.cat([mean[:, 2:], fill[:, None], (gx - cx - 0.5)[:, None],
-                            (gy - cy - 0.5)[:, None]], dim=1)  # [B, 6, k - 1]
-    # the object each cell describes: the largest ownership value centred there (-1: none);
-    # absent objects go to a spare column
-    cell = torch.where(present, cy * w + cx, torch.full_like(cy, h * w))
-    objects = torch.arange(k - 1, device=device).expand(b, -1)
-    winner = torch.full((b, h * w + 1), -1, device=device, dtype=torch.long)
+    offset_x, offset_y = gx - gx.floor() - 0.5, gy - gy.floor() - 0.5
+    per_object = torch.cat([colour, fill[:, None], offset_x[:, None], offset_y[:, None]],
+                           dim=1)  # [B, 6, k - 1]
+    # the object each cell describes: the largest ownership value centred there (-1: none)
+    objects = torch.arange(k - 1, device=owner.device).expand(b, -1)
+    winner = torch.full((b, h * w + 1), -1, device=owner.device, dtype=torch.long)
     winner = winner.scatter_reduce_(1, cell, objects, "amax")[:, :h * w]
     has = winner >= 0
     described = per_object.gather(2, winner.clamp(min=0)[:, None].expand(-1, 6, -1))
@@ -92,7 +106,11 @@ def object_centre_cells(owner: torch.Tensor, grid: tuple[int, int]) -> torch.Ten
     """``[B, h*w]`` float: 1 on the cells holding an object's centre (the mean of its pixels),
     from ownership maps ``owner`` ``[B, H, W]`` (0 background, k+1 object k), the image split
     evenly into the grid (:func:`object_descriptions`' ``centre``)."""
-    return object_descriptions(owner, None, grid)[:, 0]
+    b = owner.shape[0]
+    h, w = grid
+    cell = _object_centres(owner, grid)[5]
+    target = torch.zeros(b, h * w + 1, device=owner.device)
+    return target.scatter_(1, cell, 1.0)[:, :h * w]
 
 
 def describe_terms(predicted: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -145,8 +163,7 @@ def describe_action(ctx) -> dict:
     model, device, steps = ctx.model, ctx.dist.device, ctx.model.describe_steps
     train = ctx.data.train
     if not getattr(train, "has_masks", False):
-        raise UserError("describe_steps needs the objects' masks (the data's masks/ folder, as "
-                        "sort-of-clevr has); train with describe_steps=0")
+        raise UserError(MASKS_NEEDED)
     images = _distinct_images(train)
     generator = torch.Generator().manual_seed(int(ctx.cfg.seed))
     loader = DataLoader(images, batch_size=DESCRIBE_BATCH, num_workers=ctx.cfg.workers,

@@ -22,17 +22,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import losses
-from ..config import Phase, TrainConfig
 from ..attention import (RelationModule, Selection, cell_norms, resolve_k, select_adaptive,
                          select_all, select_top_k)
+from ..config import Phase, TrainConfig
+from ..description import DESCRIPTION_CHANNELS, MASKS_NEEDED, object_centre_cells
 from ..errors import UserError
 from ..outputs import VQAOutput
 from ..registry import register_model
-from ..description import DESCRIPTION_CHANNELS, object_centre_cells
 from .vqa import VQAModel, cells_with_coordinates, distinct_images, uniform_attention
 
-MASKS_NEEDED = ("objectness and describe_steps need the objects' masks (the data's masks/ "
-                "folder, as sort-of-clevr has); train with objectness=0 and describe_steps=0")
 
 @dataclass
 class CellSet:
