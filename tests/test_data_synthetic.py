@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from protozoo.data import generated as shared
 from protozoo.data import synthetic_parts as sp
 from protozoo.errors import DataError
 
@@ -190,7 +191,7 @@ def test_ensure_generates_once_and_reuses(tmp_path, monkeypatch):
     def fail(*args, **kw):
         raise AssertionError("regenerated a complete copy")
 
-    monkeypatch.setattr(sp, "generate_synthetic_parts", fail)
+    monkeypatch.setattr(shared, "write_dataset", fail)
     assert sp.ensure_synthetic_parts(tmp_path, **kwargs) == root
     assert [p.name for p in tmp_path.iterdir()] == [root.name]  # no temp folders left
 
@@ -207,7 +208,7 @@ def test_interrupted_generation_leaves_nothing(tmp_path, monkeypatch):
     def boom(*args, **kw):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(sp, "_write_split", boom)
+    monkeypatch.setattr(shared, "write_split", boom)
     with pytest.raises(KeyboardInterrupt):
         sp.ensure_synthetic_parts(tmp_path, num_classes=3, image_size=32, seed=1,
                                   num_train=12, num_test=6)

@@ -11,6 +11,7 @@ decoded copy of the pixels.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -24,22 +25,25 @@ from protozoo.data.digits import DigitsDataset, digits_labels
 from protozoo.data.folder import (
     ImageFolderDataset, images_root, load_split_folder, scan_class_folders,
 )
-from protozoo.data.synthetic_parts import (
-    default_cache_dir, ensure_synthetic_parts, generate_synthetic_parts, read_meta,
-)
+from protozoo.data.generated import default_cache_dir, read_meta
+from protozoo.data.synthetic_birds import ensure_synthetic_birds, generate_synthetic_birds
+from protozoo.data.synthetic_parts import ensure_synthetic_parts, generate_synthetic_parts
 from protozoo.data.synthetic_attributes import bundle_loader as _synthetic_attributes
 from protozoo.data.zero_shot import ZeroShotSplit, cub_zsl_loader as _cub_zsl  # noqa: F401
 from protozoo.errors import DataError
 
-DATASETS = ("synthetic-parts", "digits", "folder", "cub", "synthetic-attributes", "cub-zsl",
-            "sort-of-clevr", "clevr")
-DEFAULT_IMAGE_SIZE = {"synthetic-parts": 64, "digits": 32, "folder": 224, "cub": 224,
-                      "synthetic-attributes": 32, "cub-zsl": 224, "sort-of-clevr": 75,
+DATASETS = ("synthetic-parts", "synthetic-birds", "digits", "folder", "cub",
+            "synthetic-attributes", "cub-zsl", "sort-of-clevr", "clevr")
+DEFAULT_IMAGE_SIZE = {"synthetic-parts": 64, "synthetic-birds": 64, "digits": 32, "folder": 224,
+                      "cub": 224, "synthetic-attributes": 32, "cub-zsl": 224, "sort-of-clevr": 75,
                       "clevr": 128}
 # Datasets read from --data-dir; the others are generated (or bundled) and would ignore it.
 READS_DATA_DIR = ("folder", "cub", "cub-zsl", "clevr")
 # Datasets of questions about images, for the VQA families (san, han, rn, cnn_lstm).
 VQA_DATASETS = ("sort-of-clevr", "clevr")
+# The generated image datasets with a ground-truth part (mask) and object box per image; the
+# defaults below configure each of them.
+GENERATED_PART_DATASETS = ("synthetic-parts", "synthetic-birds")
 SYNTHETIC_DEFAULTS = {"num_classes": 5, "num_train": 3000, "num_test": 1000}
 # The generated images do not follow the run seed (which picks the validation split and the
 # training randomness): runs with different seeds are then scored on the same test set, and a
@@ -47,9 +51,11 @@ SYNTHETIC_DEFAULTS = {"num_classes": 5, "num_train": 3000, "num_test": 1000}
 SYNTHETIC_DATA_SEED = 0
 
 __all__ = [
-    "DATASETS", "VQA_DATASETS", "READS_DATA_DIR", "check_data_dir", "DataBundle", "build_data",
+    "DATASETS", "VQA_DATASETS", "READS_DATA_DIR", "GENERATED_PART_DATASETS", "check_data_dir",
+    "DataBundle", "build_data",
     "denormalize", "stratified_split", "ImageDataset", "ImageFolderDataset", "load_split_folder",
     "CUBDataset", "DigitsDataset", "generate_synthetic_parts", "ensure_synthetic_parts",
+    "generate_synthetic_birds", "ensure_synthetic_birds",
 ]
 
 
@@ -173,8 +179,10 @@ def _bundle(train_full: ImageDataset, test: ImageDataset, *, seed: int, val_frac
 
 
 # -- per dataset ----------------------------------------------------------------------------
-def _synthetic(a: dict):
-    root = ensure_synthetic_parts(
+def _generated(ensure, a: dict):
+    """A generated part dataset (synthetic-parts, synthetic-birds): ``ensure`` returns its cached
+    copy, read by the same split-folder loader as any image folder."""
+    root = ensure(
         a["cache_dir"] if a["cache_dir"] is not None else default_cache_dir(),
         num_classes=a["num_classes"] or SYNTHETIC_DEFAULTS["num_classes"],
         image_size=a["image_size"], seed=SYNTHETIC_DATA_SEED,
@@ -225,9 +233,10 @@ def _cub(a: dict):
     return train, test, extras
 
 
-_LOADERS = {"synthetic-parts": _synthetic, "digits": _digits, "folder": _image_folder, "cub": _cub,
-            "synthetic-attributes": _synthetic_attributes, "cub-zsl": _cub_zsl,
-            "sort-of-clevr": sort_of_clevr_loader, "clevr": clevr_loader}
+_LOADERS = {"synthetic-parts": partial(_generated, ensure_synthetic_parts),
+            "synthetic-birds": partial(_generated, ensure_synthetic_birds), "digits": _digits,
+            "folder": _image_folder, "cub": _cub, "synthetic-attributes": _synthetic_attributes,
+            "cub-zsl": _cub_zsl, "sort-of-clevr": sort_of_clevr_loader, "clevr": clevr_loader}
 
 
 def build_data(name: str, *, data_dir=None, image_size=None, mean=(0.5,) * 3, std=(0.5,) * 3,
@@ -235,13 +244,15 @@ def build_data(name: str, *, data_dir=None, image_size=None, mean=(0.5,) * 3, st
                cache_dir=None, num_train=None, num_test=None, vocab=None) -> DataBundle:
     """Build train/val/test/push for dataset ``name`` (one of :data:`DATASETS`).
 
-    ``image_size`` defaults per dataset (synthetic-parts 64, digits 32, folder and cub 224).
-    For synthetic-parts, ``num_classes``/``num_train``/``num_test`` configure the generator
-    (defaults 5/3000/1000); its images use a fixed generator seed (``SYNTHETIC_DATA_SEED``), not
-    ``seed``, and are cached in ``cache_dir`` (default ``$PROTOZOO_CACHE`` or
-    ``~/.cache/protozoo``). For the other datasets ``num_classes`` is only checked against
-    the data, and ``num_train``/``num_test`` keep a seeded stratified subset of about that many
-    items (quick runs). ``val_fraction`` of every class of the training split becomes ``val``.
+    ``image_size`` defaults per dataset (synthetic-parts and synthetic-birds 64, digits 32,
+    folder and cub 224). For the generated part datasets (:data:`GENERATED_PART_DATASETS`:
+    synthetic-parts, synthetic-birds), ``num_classes``/``num_train``/``num_test`` configure the
+    generator (defaults 5/3000/1000); its images use a fixed generator seed
+    (``SYNTHETIC_DATA_SEED``), not ``seed``, and are cached in ``cache_dir`` (default
+    ``$PROTOZOO_CACHE`` or ``~/.cache/protozoo``). For the other datasets ``num_classes`` is only
+    checked against the data, and ``num_train``/``num_test`` keep a seeded stratified subset of
+    about that many items (quick runs). ``val_fraction`` of every class of the training split
+    becomes ``val``.
     VQA data (sort-of-clevr, clevr; see :mod:`protozoo.data.clevr`): ``num_train``/``num_test``
     count images (scenes), ``val`` holds out whole images, ``vocab`` (a model's word list)
     encodes the questions instead of the vocabulary built from the training questions.

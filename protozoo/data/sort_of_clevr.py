@@ -34,17 +34,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from protozoo.data.synthetic_parts import default_cache_dir
+from protozoo.data.generated import (  # noqa: F401  (read_meta: this module's API)
+    default_cache_dir, ensure_generated, read_meta, save_png,
+)
 from protozoo.errors import DataError
 
 GENERATOR_NAME = "protozoo.sort-of-clevr"
@@ -459,10 +457,6 @@ def question_entry(split: str, i: int, scene: Scene, question: Question, q_index
     }
 
 
-def _save_png(array: np.ndarray, path: Path) -> None:
-    Image.fromarray(array, "RGB" if array.ndim == 3 else "L").save(path, compress_level=1)
-
-
 def _write_split(root: Path, split: str, count: int, image_size: int, seed: int) -> None:
     for folder in ("images", "masks"):
         (root / folder / split).mkdir(parents=True)
@@ -470,8 +464,8 @@ def _write_split(root: Path, split: str, count: int, image_size: int, seed: int)
     for i, scene, asked in iter_scenes(count, image_size, seed, split):
         out = render(scene)
         name = image_filename(split, i)
-        _save_png(out.image, root / "images" / split / name)
-        _save_png(out.owner, root / "masks" / split / name)
+        save_png(out.image, root / "images" / split / name)
+        save_png(out.owner, root / "masks" / split / name)
         scenes.append({"image_index": i, "image_filename": name, "split": split,
                        **scene.to_json()})
         questions += [question_entry(split, i, scene, q, len(questions)) for q in asked]
@@ -525,45 +519,16 @@ def generate_sort_of_clevr(root, num_train: int = 4000, num_test: int = 500,
     return root
 
 
-def read_meta(root) -> dict | None:
-    try:
-        with open(Path(root) / "meta.json") as fh:
-            return json.load(fh)
-    except (OSError, ValueError):
-        return None
-
-
-def _is_complete(root: Path, expected: dict) -> bool:
-    meta = read_meta(root)
-    return bool(meta) and all(meta.get(k) == expected[k] for k in ("generator", "version",
-                                                                    "params"))
-
-
 def ensure_sort_of_clevr(cache_dir=None, image_size: int = SANTORO_IMAGE_SIZE, seed: int = 0,
                          num_train: int = 4000, num_test: int = 500) -> Path:
     """A complete copy in ``cache_dir`` (a folder named by every parameter), generated only
     when missing: into a temporary sibling renamed into place, so an interrupted run never
     leaves a half dataset that looks complete (as synthetic-parts does)."""
     _check_args(num_train, num_test, image_size)
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     name = f"sort-of-clevr-s{image_size}-seed{seed}-n{num_train}-t{num_test}"
-    final, expected = cache_dir / name, _meta(num_train, num_test, image_size, seed)
-    if _is_complete(final, expected):
-        return final
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=cache_dir))
-    try:
-        generate_sort_of_clevr(tmp, num_train, num_test, image_size, seed)
-        if final.exists() and not _is_complete(final, expected):
-            shutil.rmtree(final)  # stale copy from an older generator version
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            if not _is_complete(final, expected):  # lost a race to a broken copy
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return ensure_generated(
+        cache_dir, name, _meta(num_train, num_test, image_size, seed),
+        lambda tmp: generate_sort_of_clevr(tmp, num_train, num_test, image_size, seed))
 
 
 # -- the perturbed evaluation set -------------------------------------------------------------

@@ -29,17 +29,14 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from protozoo.data.base import ImageDataset, ImageStore
+from protozoo.data.generated import default_cache_dir, ensure_generated, pixel_grid, read_meta
 from protozoo.data.zero_shot import ZeroShotSplit
 from protozoo.errors import DataError
 
@@ -148,19 +145,9 @@ def sample_spec(rng: np.random.Generator, combo, image_size: int) -> ObjectSpec:
         background=float(rng.uniform(95, 165)), noise_seed=int(rng.integers(2**31)))
 
 
-@lru_cache(maxsize=8)
-def _grid(image_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pixel-centre coordinates (xs, ys), computed once per size."""
-    coords = np.arange(image_size, dtype=np.float32) + 0.5
-    ys, xs = np.meshgrid(coords, coords, indexing="ij")
-    xs.setflags(write=False)
-    ys.setflags(write=False)
-    return xs, ys
-
-
 def _local_coords(spec: ObjectSpec, image_size: int, angle: float):
     """Pixel-centre coordinates rotated by ``angle`` about the object centre."""
-    xs, ys = _grid(image_size)
+    xs, ys = pixel_grid(image_size)
     dx, dy = xs - spec.centre[0], ys - spec.centre[1]
     cos, sin = np.cos(angle), np.sin(angle)
     return dx * cos + dy * sin, -dx * sin + dy * cos
@@ -279,40 +266,19 @@ def generate_synthetic_attributes(root, num_train: int = DEFAULTS["num_train"],
     return root
 
 
-def _read_meta(root: Path) -> dict | None:
-    try:
-        return json.loads((root / "meta.json").read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def ensure_synthetic_attributes(cache_dir, num_train: int = DEFAULTS["num_train"],
                                 num_test: int = DEFAULTS["num_test"],
                                 num_unseen: int = DEFAULTS["num_unseen"], image_size: int = 32,
                                 seed: int = DATA_SEED) -> Path:
     """A complete cached copy (generated only when missing), renamed into place atomically."""
     _check_args(num_train, num_test, num_unseen, image_size)
-    cache_dir = Path(cache_dir)
     name = (f"synthetic-attributes-v{GENERATOR_VERSION}-s{image_size}-seed{seed}-u{num_unseen}"
             f"-n{num_train}-t{num_test}")
-    final = cache_dir / name
-    expected = _meta(num_train, num_test, num_unseen, image_size, seed)
-    if _read_meta(final) == expected:
-        return final
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=cache_dir))
-    try:
-        generate_synthetic_attributes(tmp, num_train, num_test, num_unseen, image_size, seed)
-        if final.exists() and _read_meta(final) != expected:
-            shutil.rmtree(final)  # a stale or broken copy
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            if _read_meta(final) != expected:  # lost a race to a broken copy: fail loudly
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    # keys=None: the whole meta must match (it holds the class split, which the seed decides)
+    return ensure_generated(
+        cache_dir, name, _meta(num_train, num_test, num_unseen, image_size, seed),
+        lambda tmp: generate_synthetic_attributes(tmp, num_train, num_test, num_unseen,
+                                                  image_size, seed), keys=None)
 
 
 def _dataset(arrays, keep: np.ndarray, labels: np.ndarray, class_names, split: str, mean, std):
@@ -332,7 +298,7 @@ def load_synthetic_attributes(root, mean=(0.5,) * 3, std=(0.5,) * 3):
     folder. Seen datasets label the seen classes 0..S-1; the unseen test set labels its images
     S..S+U-1, their index in ``ZeroShotSplit.class_names``."""
     root = Path(root)
-    meta = _read_meta(root)
+    meta = read_meta(root)
     if meta is None or meta.get("generator") != GENERATOR_NAME:
         raise DataError(f"'{root}' is not a complete synthetic-attributes folder: delete it and "
                         "generate it again")
@@ -360,8 +326,6 @@ def bundle_loader(a: dict):
 
     ``num_train``/``num_test`` configure the generator (defaults 7600/2400); ``num_classes``, if
     given, must equal the number of seen classes (the grid fixes it)."""
-    from protozoo.data.synthetic_parts import default_cache_dir
-
     num_seen = len(all_combos()) - DEFAULTS["num_unseen"]
     if a.get("num_classes") is not None and int(a["num_classes"]) != num_seen:
         raise DataError(f"num_classes={a['num_classes']} but synthetic-attributes has {num_seen} "

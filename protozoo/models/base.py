@@ -96,7 +96,7 @@ class ZooModel(nn.Module):
         Without ``--epochs``: 3 epochs on the built-in data (a tiny CNN reaches 100% test
         accuracy on synthetic-parts in 3, measured), 30 on real data."""
         lr = cfg.lr if cfg.lr is not None else 1e-3
-        builtin = cfg.dataset in ("synthetic-parts", "digits")
+        builtin = cfg.dataset in ("synthetic-parts", "synthetic-birds", "digits")
         epochs = cfg.epochs if cfg.epochs is not None else (3 if builtin else 30)
         return [Phase("train", epochs, {g: lr for g in self.param_groups()},
                       weight_decay=cfg.weight_decay, schedule="cosine")]

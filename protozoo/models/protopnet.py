@@ -31,7 +31,7 @@ from .base import ZooModel
 
 LOG_EPSILON = 1e-4  # the official code's epsilon in log((d + 1) / (d + eps))
 INCORRECT_CLASS_WEIGHT = -0.5  # Chen et al.: initial last-layer weight to other classes
-BUILTIN_DATASETS = ("synthetic-parts", "digits")
+BUILTIN_DATASETS = ("synthetic-parts", "synthetic-birds", "digits")
 
 
 def add_on_layers(in_channels: int, dim: int, kind: str) -> nn.Sequential:
