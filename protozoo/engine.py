@@ -283,6 +283,8 @@ class Trainer:
     def _run_phase(self, phase, index, start, global_epoch, opt_state, scaler_state) -> int:
         """Train ``phase`` from its epoch ``start``; returns the global epoch count after it."""
         param_groups = self._set_trainable(phase)
+        calibrate_frozen_norms(self.model, self.data.push, self.cfg.batch_size, self.dist.device,
+                               self.cfg.amp)  # the training items without augmentation
         optimizer = torch.optim.Adam(param_groups, weight_decay=phase.weight_decay)
         autocast, amp_dtype = autocast_for(self.dist.device, self.cfg.amp)
         scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
@@ -324,7 +326,7 @@ class Trainer:
 
         sampler.set_epoch(global_epoch)
         torch.manual_seed(self.cfg.seed * 100003 + global_epoch)  # augmentation of this epoch
-        self.model.train()
+        train_unfrozen(self.model)
         sums = _new_sums(self.dist)
         bar = tqdm(loader, desc=f"{phase.name} epoch {global_epoch + 1}", leave=False,
                    disable=None if self.dist.is_main else True)
@@ -346,6 +348,73 @@ class Trainer:
                 optimizer.step()
             _accumulate(sums, terms, output, batch)
         return _averages(sums, self.dist)
+
+
+def frozen_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The largest submodules all of whose parameters are frozen (and that have some)."""
+    found = []
+
+    def visit(module: torch.nn.Module) -> None:
+        params = list(module.parameters())
+        if params and not any(p.requires_grad for p in params):
+            found.append(module)
+            return
+        for child in module.children():
+            visit(child)
+
+    visit(model)
+    return found
+
+
+def train_unfrozen(model: torch.nn.Module) -> None:
+    """Training mode for what the phase trains, eval mode for what it freezes
+    (:func:`frozen_modules`): their BatchNorm statistics stay fixed and their dropout is off.
+    Switching gradients off alone would let BatchNorm's running statistics drift in a "frozen"
+    backbone -- after ProtoPNet's push that moves the features under the prototypes, which then
+    no longer *are* their source patches."""
+    model.train()
+    for module in frozen_modules(model):
+        module.eval()
+
+
+def _unfitted_norms(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """BatchNorm layers of frozen modules whose statistics were never estimated (still exactly
+    mean 0, variance 1, as constructed)."""
+    return [m for frozen in frozen_modules(model) for m in frozen.modules()
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+            and bool((m.running_mean == 0).all()) and bool((m.running_var == 1).all())]
+
+
+@torch.no_grad()
+def calibrate_frozen_norms(model, dataset: Dataset, batch_size: int, device: torch.device,
+                           amp: str = "auto") -> int:
+    """Estimate the statistics of frozen BatchNorm layers that never saw data, once, over
+    ``dataset`` in order (the same on every process), then keep them fixed. A backbone trained
+    from scratch is frozen during ProtoPNet's warm-up: in eval mode with its initial statistics
+    its features would be unnormalised, and the first phase that trains it (batch statistics)
+    would then see other features than the prototypes were fitted to. Returns how many layers
+    were calibrated."""
+    norms = _unfitted_norms(model)
+    if not norms:
+        return 0
+    was_training = model.training
+    model.eval()
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the whole pass
+        m.train()
+    autocast, _ = autocast_for(device, amp)
+    try:
+        for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+            batch = to_device(batch, device)
+            with autocast:
+                model(*model.inputs(batch))
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.train(was_training)
+    return len(norms)
 
 
 class GroupedSampler(Sampler[int]):

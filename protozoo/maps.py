@@ -13,9 +13,12 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 
-def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinearly upsample ``[B, K, h, w]`` maps to ``size = (H, W)`` (Zhou et al.'s CAM step)."""
-    return F.interpolate(maps.float(), size=size, mode="bilinear", align_corners=False)
+def upsample(maps: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+    """Upsample ``[B, K, h, w]`` maps to ``size = (H, W)``, pixel centres aligned
+    (``align_corners=False``). ``bilinear`` is Zhou et al.'s CAM step; ``bicubic`` is what the
+    official ProtoPNet code uses for similarity maps (``cv2.resize(..., INTER_CUBIC)``, the same
+    cubic kernel, a = -0.75)."""
+    return F.interpolate(maps.float(), size=tuple(size), mode=mode, align_corners=False)
 
 
 def bbox_of(mask: np.ndarray) -> tuple[int, int, int, int] | None:

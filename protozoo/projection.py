@@ -6,12 +6,24 @@ Three separate steps, as the design asks: :func:`compute_push` is pure computati
 the provenance from ``model.metadata["prototypes"]`` (saved with the checkpoint, so reports work
 after ``protozoo.load``).
 
-Vectorised over prototypes and images: every batch updates a running best (distance, image,
-cell, feature vector) for *all* prototypes with a handful of tensor operations on the device
-(the official code loops over prototypes in Python for every batch). Memory is one batch of
-feature and distance maps plus ``P x D x h x w`` for the best images' feature maps, whatever the
-dataset size. Distances are exact fp32 squared L2, so after push each prototype *equals* a
-feature vector of a real training image.
+Vectorised over prototypes and images: one pass over the data keeps, for *all* prototypes at once,
+a running list of the nearest images (one patch per image) with a handful of tensor operations on
+the device (the official code loops over prototypes in Python for every batch). Memory is one
+batch of feature and distance maps plus ``P x k`` candidates, whatever the dataset size.
+
+Two rules beyond the paper, so that the evidence a prototype stands for is what it claims:
+
+* **One source image per prototype of a class.** The paper projects every prototype on its own
+  nearest patch, so two prototypes of a class can become the *same* patch (a class spending its
+  prototype budget twice on one piece of evidence). Here the prototypes of a class take their
+  nearest image in turn (nearest first), each image at most once per class.
+* **Exact provenance.** A prototype's distance to its source patch is computed exactly (it is 0:
+  the prototype *is* that feature vector), and the provenance records its similarity there, so
+  the final model can be checked against it (the engine runs frozen modules in eval mode, so no
+  later phase moves the features under a pushed prototype).
+
+:func:`image_distances` (every prototype against every image, ``P x N`` floats) serves pruning
+and the class-specificity check of :mod:`protozoo.pruning`.
 """
 from __future__ import annotations
 
@@ -19,10 +31,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from .engine import autocast_for, to_device
 from .maps import percentile_boxes, upsample
+
+# ProtoPNet's similarity maps are upsampled as the official code does (cv2 INTER_CUBIC)
+MAP_UPSAMPLING = "bicubic"
 
 
 @dataclass
@@ -35,71 +50,135 @@ class PushResult:
     provenance: list[dict]
 
 
-@torch.no_grad()
-def scan_nearest(model, dataset, batch_size: int = 64, device=None, own_class: bool = True,
-                 amp: str = "auto"):
-    """One pass over ``dataset``: for every prototype, the closest patch (and the feature map of
-    the image holding it). ``own_class`` restricts candidates to images of the prototype's class.
-
-    Returns ``(best_dist [P], best_image [P], best_cell [P, 2], best_features [P, D, h, w])``.
-    """
-    device = device or next(model.parameters()).device
+def _scan(model, dataset, batch_size: int, device, amp: str):
+    """Yield ``(offset, labels [B], min_distances [B, P], nearest cell [B, P, 2])`` per batch,
+    in eval mode without gradients (the model's mode is restored afterwards)."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    classes = model.prototype_class.to(device)
-    P = model.num_prototypes
-    best = torch.full((P,), float("inf"), device=device)
-    best_image = torch.full((P,), -1, dtype=torch.long, device=device)
-    best_cell = torch.zeros(P, 2, dtype=torch.long, device=device)
-    best_feats = None
     autocast, _ = autocast_for(device, amp)
     was_training = model.training
     model.eval()
     offset = 0
-    for batch in loader:
-        batch = to_device(batch, device)
-        with autocast:
-            features = model.add_on(model.backbone(batch["image"]))
-        features = features.float()
-        dist = model.distances_from_features(features)  # [B, P, h, w] fp32
-        B, _, h, w = dist.shape
+    try:
+        with torch.no_grad():
+            for batch in loader:
+                batch = to_device(batch, device)
+                with autocast:
+                    features = model.add_on(model.backbone(batch["image"]))
+                min_d, maps = model.prototype_distances(features.float())
+                w = maps.shape[-1]
+                where = maps.flatten(2).argmin(2)
+                yield offset, batch["label"], min_d, torch.stack([where // w, where % w], -1)
+                offset += len(min_d)
+    finally:
+        model.train(was_training)
+
+
+def nearest_images(model, dataset, k: int, batch_size: int = 64, device=None,
+                   own_class: bool = False, amp: str = "auto"):
+    """The ``k`` images whose closest patch is nearest to each prototype (one patch per image, as
+    the official ``find_k_nearest_patches_to_prototypes``); ``own_class`` keeps only images of
+    the prototype's class. Ties keep the earlier image.
+
+    Returns ``(distances [P, k], image_index [P, k], cell [P, k, 2])`` sorted nearest first;
+    ``inf`` / ``-1`` where fewer than ``k`` images qualify.
+    """
+    device = device or next(model.parameters()).device
+    P = model.num_prototypes
+    classes = model.prototype_class.to(device)
+    top_d = torch.full((P, 0), float("inf"), device=device)
+    top_i = torch.zeros((P, 0), dtype=torch.long, device=device)
+    top_c = torch.zeros((P, 0, 2), dtype=torch.long, device=device)
+    for offset, labels, min_d, cells in _scan(model, dataset, batch_size, device, amp):
+        B = len(labels)
+        value = min_d.t()  # [P, B]
         if own_class:
-            allowed = batch["label"].view(B, 1) == classes.view(1, P)  # [B, P]
-            dist = dist.masked_fill(~allowed.view(B, P, 1, 1), float("inf"))
-        flat = dist.permute(1, 0, 2, 3).reshape(P, -1)  # [P, B*h*w]
-        value, where = flat.min(1)
-        better = value < best
-        if best_feats is None:
-            best_feats = torch.zeros(P, features.shape[1], h, w, device=device)
-        image_in_batch = where // (h * w)
-        cell = where % (h * w)
-        best = torch.where(better, value, best)
-        best_image = torch.where(better, image_in_batch + offset, best_image)
-        best_cell = torch.where(better.view(P, 1),
-                                torch.stack([cell // w, cell % w], 1), best_cell)
-        best_feats[better] = features[image_in_batch[better]]
-        offset += B
-    model.train(was_training)
-    return best, best_image, best_cell, best_feats
+            value = value.masked_fill(labels.view(1, B) != classes.view(P, 1), float("inf"))
+        all_d = torch.cat([top_d, value], 1)
+        all_i = torch.cat([top_i, torch.arange(offset, offset + B, device=device).expand(P, B)], 1)
+        all_c = torch.cat([top_c, cells.transpose(0, 1)], 1)
+        keep = torch.sort(all_d, dim=1, stable=True).indices[:, :k]
+        top_d, top_i = all_d.gather(1, keep), all_i.gather(1, keep)
+        top_c = all_c.gather(1, keep[..., None].expand(-1, -1, 2))
+    top_i = torch.where(torch.isinf(top_d), torch.full_like(top_i, -1), top_i)
+    return top_d, top_i, top_c
+
+
+def image_distances(model, dataset, batch_size: int = 64, device=None,
+                    amp: str = "auto") -> torch.Tensor:
+    """``[P, N]`` on the CPU: each prototype's distance to each image's closest patch (what the
+    model's logits use), in dataset order."""
+    device = device or next(model.parameters()).device
+    columns = [min_d.t().cpu() for _, _, min_d, _ in _scan(model, dataset, batch_size, device,
+                                                           amp)]
+    return torch.cat(columns, 1) if columns else torch.zeros(model.num_prototypes, 0)
+
+
+def distinct_sources(image_index: torch.Tensor, classes: torch.Tensor,
+                     distances: torch.Tensor) -> torch.Tensor:
+    """Which candidate each prototype takes so that no two prototypes of a class share a source
+    image: prototypes choose in order of their nearest candidate's distance (ties: lower index
+    first), each taking its nearest image not yet taken by its class. ``image_index`` and
+    ``distances`` are ``[P, k]`` candidates sorted nearest first (-1 / inf: none). Returns
+    ``[P]`` column indices; a prototype whose class has too few images takes its nearest one
+    even if taken (the only case of a shared source)."""
+    image_index, classes, distances = image_index.cpu(), classes.cpu(), distances.cpu()
+    order = sorted(range(len(classes)), key=lambda j: (float(distances[j, 0]), j))
+    taken: set[tuple[int, int]] = set()
+    choice = torch.zeros(len(classes), dtype=torch.long)
+    for j in order:
+        c = int(classes[j])
+        row = image_index[j].tolist()
+        free = [n for n, i in enumerate(row) if i >= 0 and (c, i) not in taken]
+        choice[j] = free[0] if free else 0
+        taken.add((c, row[int(choice[j])]))
+    return choice
+
+
+@torch.no_grad()
+def source_features(model, dataset, indices: list[int], batch_size: int = 64, device=None,
+                    amp: str = "auto") -> torch.Tensor:
+    """Add-on feature maps ``[len(indices), D, h, w]`` (fp32) of the given items, in eval mode."""
+    device = device or next(model.parameters()).device
+    autocast, _ = autocast_for(device, amp)
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for batch in DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False):
+            with autocast:
+                out.append(model.add_on(model.backbone(batch["image"].to(device))).float())
+    finally:
+        model.train(was_training)
+    return torch.cat(out)
 
 
 def compute_push(model, dataset, batch_size: int = 64, device=None, amp: str = "auto",
                  percentile: float = 95.0) -> PushResult:
     """Find every prototype's projection and its provenance (no change to the model)."""
-    best, image, cell, feats = scan_nearest(model, dataset, batch_size, device, True, amp)
-    missing = (image < 0).nonzero().flatten().tolist()
+    device = device or next(model.parameters()).device
+    classes = model.prototype_class
+    per_class = int(torch.bincount(classes.cpu()).max()) if len(classes) else 0
+    cand_d, cand_i, cand_c = nearest_images(model, dataset, per_class, batch_size, device,
+                                            own_class=True, amp=amp)
+    missing = (cand_i[:, 0] < 0).nonzero().flatten().tolist()
     if missing:
         raise ValueError(f"prototypes {missing[:5]} have no training image of their class to "
                          "project onto; every class needs training images")
-    P = len(best)
-    vectors = feats[torch.arange(P), :, cell[:, 0], cell[:, 1]]  # exact feature vectors
-    with torch.no_grad():
-        maps = model.similarity_of(_distances_to(model, feats, vectors))  # [P, h, w]
+    P = len(classes)
+    pick = distinct_sources(cand_i, classes, cand_d).to(cand_i.device)
+    rows = torch.arange(P, device=cand_i.device)
+    best, image, cell = cand_d[rows, pick], cand_i[rows, pick], cand_c[rows, pick]
+    unique, slot = torch.unique(image, return_inverse=True)
+    feats = source_features(model, dataset, unique.tolist(), batch_size, device, amp)[slot]
+    vectors = feats[torch.arange(P), :, cell[:, 0].cpu(), cell[:, 1].cpu()].to(device)
+    maps = model.similarity_of(_distances_to(model, feats.to(device), vectors))  # [P, h, w]
     provenance = _provenance(model, dataset, image, cell, best, maps, percentile)
     return PushResult(vectors, best, image, cell, maps, provenance)
 
 
 def _distances_to(model, feats: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
-    """Distance of prototype p's new vector to every cell of its own source image: ``[P, h, w]``."""
+    """Distance of prototype p's new vector to every cell of its own source image: ``[P, h, w]``,
+    as the sum of squared differences (exactly 0 at the source cell)."""
     if model.similarity == "cosine":
         feats = torch.nn.functional.normalize(feats, dim=1)
         vectors = torch.nn.functional.normalize(vectors, dim=1)
@@ -107,11 +186,18 @@ def _distances_to(model, feats: torch.Tensor, vectors: torch.Tensor) -> torch.Te
     return (diff * diff).sum(1)
 
 
+def high_activation_boxes(maps: torch.Tensor, size: tuple[int, int],
+                          percentile: float = 95.0) -> torch.Tensor:
+    """Chen et al.'s high-activation boxes ``[N, 4]`` of similarity maps ``[N, h, w]``: upsampled
+    bicubically to the image (as the official code) and boxed at their ``percentile``-th
+    percentile (:func:`protozoo.maps.percentile_boxes`)."""
+    return percentile_boxes(upsample(maps[:, None], size, MAP_UPSAMPLING)[:, 0], percentile)
+
+
 def _provenance(model, dataset, image, cell, best, maps, percentile) -> list[dict]:
     size = model.metadata.get("image_size") or _image_size(dataset)
     geometry = model.backbone.geometry
-    # upsample + high-activation boxes for all prototypes at once, on the device
-    boxes = percentile_boxes(upsample(maps[:, None], (size, size))[:, 0], percentile).tolist()
+    boxes = high_activation_boxes(maps, (size, size), percentile).tolist()
     paths = getattr(dataset, "paths", None)
     records = []
     for j in range(len(best)):
@@ -123,6 +209,7 @@ def _provenance(model, dataset, image, cell, best, maps, percentile) -> list[dic
             "image_path": str(paths[i]) if paths is not None else None,
             "cell": [r, c],
             "distance": float(best[j]),
+            "source_similarity": float(maps[j, r, c]),
             "receptive_field_box": list(geometry.cell_box(r, c, size, size)),
             "high_activation_box": boxes[j],
         })
@@ -151,45 +238,19 @@ def push_action(ctx) -> dict:
             "push/mean_distance": float(result.distances.mean())}
 
 
-def nearest_patches(model, dataset, k: int = 6, batch_size: int = 64, device=None,
-                    amp: str = "auto"):
-    """The ``k`` training images whose closest patch is nearest to each prototype (one patch per
-    image, as the official ``find_k_nearest_patches_to_prototypes``), any class.
-
-    Returns ``(distances [P, k], image_index [P, k], cell [P, k, 2])`` sorted nearest first.
-    """
-    device = device or next(model.parameters()).device
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    autocast, _ = autocast_for(device, amp)
-    P = model.num_prototypes
-    top_d = torch.full((P, 0), float("inf"), device=device)
-    top_i = torch.zeros((P, 0), dtype=torch.long, device=device)
-    top_c = torch.zeros((P, 0, 2), dtype=torch.long, device=device)
-    was_training = model.training
-    model.eval()
-    offset = 0
-    with torch.no_grad():
-        for batch in loader:
-            batch = to_device(batch, device)
-            with autocast:
-                features = model.add_on(model.backbone(batch["image"]))
-            dist = model.distances_from_features(features.float())  # [B, P, h, w]
-            B, _, h, w = dist.shape
-            value, where = dist.flatten(2).min(2)  # [B, P]
-            cells = torch.stack([where // w, where % w], -1).transpose(0, 1)  # [P, B, 2]
-            idx = torch.arange(offset, offset + B, device=device).expand(P, B)
-            all_d = torch.cat([top_d, value.t()], 1)
-            all_i = torch.cat([top_i, idx], 1)
-            all_c = torch.cat([top_c, cells], 1)
-            keep = all_d.topk(min(k, all_d.shape[1]), dim=1, largest=False).indices
-            top_d = all_d.gather(1, keep)
-            top_i = all_i.gather(1, keep)
-            top_c = all_c.gather(1, keep[..., None].expand(-1, -1, 2))
-            offset += B
-    model.train(was_training)
-    return top_d, top_i, top_c
-
-
 def labels_of(dataset, indices: torch.Tensor) -> torch.Tensor:
     labels = torch.as_tensor(np.asarray(dataset.labels))
     return labels[indices.cpu()]
+
+
+@torch.no_grad()
+def source_similarity_maps(model, dataset, records: list[dict], batch_size: int = 64,
+                           device=None, amp: str = "auto") -> torch.Tensor:
+    """``[P, h, w]``: each prototype's similarity map over its recorded source image, computed by
+    the model as it is now (the maps the report and the metrics must agree with)."""
+    device = device or next(model.parameters()).device
+    images = torch.tensor([int(r["image_index"]) for r in records], dtype=torch.long)
+    unique, slot = torch.unique(images, return_inverse=True)
+    feats = source_features(model, dataset, unique.tolist(), batch_size, device, amp)
+    _, maps = model.prototype_distances(feats)  # [U, P, h, w], exact at each minimum
+    return model.similarity_of(maps[slot.to(maps.device), torch.arange(len(records))])

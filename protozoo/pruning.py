@@ -1,23 +1,86 @@
-"""Prototype pruning (Chen et al. 2019, Sec. 2.5 and the official ``prune.py``).
+"""Prototype pruning (Chen et al. 2019, Sec. 2.5 and the official ``prune.py``), and the check for
+class-agnostic prototypes.
 
-A prototype is pruned when fewer than ``tau`` (default 3) of the ``k`` (default 6) training images
-nearest to it (by their closest patch) belong to its class: such a prototype sits on background or
-on a part shared by many classes. The last layer is then optimised again (a separate phase).
+Two rules, both computed from every prototype's distance to every push image's closest patch
+(:func:`protozoo.projection.image_distances`, what the logits use):
+
+* **Chen et al.'s rule**: a prototype is pruned when fewer than ``tau`` (3) of the ``k`` (6)
+  training images nearest to it belong to its class -- it sits on background or on a part shared
+  by many classes. Near-ties are not broken by dataset order (which, with class-sorted folders,
+  favours the first class): images whose distance lies within :data:`TIE` (relative) of the
+  ``k``-th nearest share the remaining places, and the rule counts their expected own-class share.
+* **Class specificity**: the probability that an image of the prototype's class is nearer to it
+  than an image of another class (the ROC AUC of its distances, own class against the rest, ties
+  counting one half). A prototype that matches every image about equally -- a border cell that
+  sees mostly the zero padding every image shares, or a colour every image shows -- scores about
+  0.5, and it is pruned when the score is below :data:`MIN_SPECIFICITY`: its similarity is then a
+  constant bonus to its class, not evidence found in the image.
+
+The specificity of every kept prototype is stored in its push provenance (``class_specificity``)
+and shown in the report. The last layer is then optimised again (a separate phase).
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
+from scipy.stats import rankdata
 from torch import nn
 
-from .projection import labels_of, nearest_patches
+from .projection import image_distances
+
+TIE = 1e-3  # distances within 0.1% of the k-th nearest tie with it
+MIN_SPECIFICITY = 0.75  # own-class images must be nearer than other images in 3 of 4 pairs
+
+
+def expected_own_among_nearest(distances: torch.Tensor, own: torch.Tensor, k: int = 6,
+                               tie: float = TIE) -> torch.Tensor:
+    """``[P]``: the expected number of own-class images among each prototype's ``k`` nearest
+    images, with images tied with the ``k``-th nearest (within ``tie`` relative) sharing the
+    places left. ``distances`` ``[P, N]``, ``own`` bool ``[P, N]``."""
+    k = min(k, distances.shape[1])
+    kth = distances.sort(1).values[:, k - 1:k]
+    band = tie * kth.abs() + 1e-12
+    inside = distances < kth - band
+    tied = (distances - kth).abs() <= band
+    n_in, own_in = inside.sum(1), (inside & own).sum(1)
+    share = (tied & own).sum(1).double() / tied.sum(1).clamp_min(1).double()
+    return own_in.double() + (k - n_in).double() * share
+
+
+def class_specificity(distances: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+    """``[P]``: the ROC AUC of "own class" against the prototype's distances (smaller = more
+    similar): the probability that a random own-class image is nearer than a random image of
+    another class, ties counting one half (Mann-Whitney). NaN where a side is empty."""
+    ranks = torch.as_tensor(rankdata(-distances.double().numpy(), axis=1))  # high rank = near
+    n_own = own.sum(1).double()
+    n_other = (~own).sum(1).double()
+    u = (ranks * own).sum(1) - n_own * (n_own + 1) / 2
+    return u / (n_own * n_other)
+
+
+def assess_prototypes(model, dataset, k: int = 6, tau: int = 3, batch_size: int = 64,
+                      device=None, amp: str = "auto") -> dict[str, torch.Tensor]:
+    """Both rules for every prototype: ``{"own_nearest": [P], "specificity": [P],
+    "prune": bool [P]}``."""
+    distances = image_distances(model, dataset, batch_size, device, amp)
+    labels = torch.as_tensor(np.asarray(dataset.labels))
+    own = labels.view(1, -1) == model.prototype_class.cpu().view(-1, 1)
+    own_nearest = expected_own_among_nearest(distances, own, k)
+    specificity = class_specificity(distances, own)
+    prune = (own_nearest < tau) | (specificity < MIN_SPECIFICITY)
+    return {"own_nearest": own_nearest, "specificity": specificity, "prune": prune}
 
 
 def find_prunable(model, dataset, k: int = 6, tau: int = 3, batch_size: int = 64,
                   device=None) -> torch.Tensor:
-    """Indices of the prototypes Chen et al.'s rule prunes."""
-    _, images, _ = nearest_patches(model, dataset, k, batch_size, device)
-    same = labels_of(dataset, images) == model.prototype_class.cpu().view(-1, 1)
-    return (same.sum(1) < tau).nonzero().flatten()
+    """Indices of the prototypes the two rules prune."""
+    return assess_prototypes(model, dataset, k, tau, batch_size, device)["prune"].nonzero().flatten()
+
+
+def record_specificity(model, specificity: torch.Tensor) -> None:
+    """Write each prototype's class specificity into its push provenance."""
+    for record, value in zip(model.metadata.get("prototypes") or [], specificity.tolist()):
+        record["class_specificity"] = round(float(value), 4)
 
 
 def remove_prototypes(model, prune: torch.Tensor) -> None:
@@ -48,10 +111,16 @@ def remove_prototypes(model, prune: torch.Tensor) -> None:
 def prune_action(ctx, k: int = 6, tau: int = 3) -> dict:
     """The engine's ``prune`` phase: prune, reporting validation accuracy before and after."""
     before = ctx.evaluate(ctx.data.val)["accuracy"]
-    prune = find_prunable(ctx.model, ctx.data.push, k, tau, ctx.cfg.batch_size, ctx.dist.device)
+    verdict = assess_prototypes(ctx.model, ctx.data.push, k, tau, ctx.cfg.batch_size,
+                                ctx.dist.device, ctx.cfg.amp)
+    record_specificity(ctx.model, verdict["specificity"])
+    prune = verdict["prune"].nonzero().flatten()
+    agnostic = int((verdict["specificity"] < MIN_SPECIFICITY).sum())
     if len(prune) == ctx.model.num_prototypes:
-        return {"prune/pruned": 0, "prune/note": "rule would prune every prototype; kept all"}
+        return {"prune/pruned": 0, "prune/class_agnostic": agnostic,
+                "prune/note": "rules would prune every prototype; kept all"}
     remove_prototypes(ctx.model, prune)
     after = ctx.evaluate(ctx.data.val)["accuracy"]
-    return {"prune/pruned": int(len(prune)), "prune/remaining": ctx.model.num_prototypes,
+    return {"prune/pruned": int(len(prune)), "prune/class_agnostic": agnostic,
+            "prune/remaining": ctx.model.num_prototypes,
             "val/accuracy_before_prune": before, "val/accuracy_after_prune": after}

@@ -9,7 +9,7 @@ import torch
 
 import protozoo
 from protozoo.maps import box_iou, percentile_box, threshold_box
-from protozoo.metrics import cam_metrics, localization_hits, mask_iou, pointing_game
+from protozoo.metrics import cam_metrics, localization_hits, mask_iou, pointing
 from protozoo.outputs import CAMOutput
 
 
@@ -130,19 +130,16 @@ def test_mask_iou_by_hand():
     torch.testing.assert_close(iou, torch.tensor([4 / 8, 4 / 5]))
 
 
-def test_pointing_game_inside_near_and_far():
-    maps = torch.zeros(5, 40, 50)
+def test_pointing_is_strict_and_shares_ties():
+    maps = torch.zeros(3, 40, 50)
     maps[:, 20, 20] = 1.0  # the maximum of every map is at row 20, column 20
-    masks = torch.zeros(5, 40, 50)
+    masks = torch.zeros(3, 40, 50)
     masks[0, 18:23, 18:23] = 1  # contains the peak
-    masks[1, 18:23, 30:35] = 1  # nearest pixel (20, 30): 10 px away
-    masks[2, 18:23, 36:40] = 1  # nearest pixel (20, 36): 16 px away
-    masks[3, 29, 32] = 1  # 9-12-15 triangle: exactly 15 px away
-    masks[4, 30, 32] = 1  # sqrt(100 + 144) = 15.6 px away
-    torch.testing.assert_close(pointing_game(maps, masks), torch.tensor([1., 1., 0., 1., 0.]))
-    torch.testing.assert_close(pointing_game(maps, masks, tolerance=0.0),
-                               torch.tensor([1., 0., 0., 0., 0.]))
-    torch.testing.assert_close(pointing_game(maps, torch.zeros_like(masks)), torch.zeros(5))
+    masks[1, 18:23, 21:26] = 1  # 1 px away: a miss (no tolerance)
+    masks[2, 20, 20] = 1
+    maps[2, 0, 0] = 1.0  # a second, equal peak off the part: half a hit
+    torch.testing.assert_close(pointing(maps, masks), torch.tensor([1.0, 0.0, 0.5]))
+    torch.testing.assert_close(pointing(maps, torch.zeros_like(masks)), torch.zeros(3))
 
 
 def test_localization_hits_needs_right_class_and_iou():
@@ -167,7 +164,8 @@ def test_cam_metrics_use_true_class_for_maps_and_predicted_class_for_localizatio
     preds = torch.tensor([1, 1])  # image 0 is misclassified
     out = cam_metrics(cams, labels, preds, (64, 64), masks, boxes)
     torch.testing.assert_close(out["cam_iou"], torch.tensor([1.0, 0.0]))
-    torch.testing.assert_close(out["pointing_game"], torch.tensor([1.0, 0.0]))
+    torch.testing.assert_close(out["pointing"], torch.tensor([1.0, 0.0]))
+    torch.testing.assert_close(out["pointing_chance"], torch.full((2,), 16 / 64**2))
     torch.testing.assert_close(out["localization_accuracy"], torch.tensor([0.0, 1.0]))
     assert set(cam_metrics(cams, labels, preds, (64, 64))) == set()
 

@@ -189,9 +189,11 @@ def test_evaluate_writes_metrics_and_report(synthetic_run, tmp_path, capsys):
     Image.fromarray(rgba, "RGBA").save(tmp_path / "<mine>.png")
     assert evaluate.main([str(synthetic_run), "--images", str(tmp_path / "<mine>.png")]) == 0
     metrics = json.loads((synthetic_run / "metrics.json").read_text())
-    for key in ("accuracy", "mean_class_accuracy", "cam_iou", "pointing_game",
-                "localization_accuracy"):
+    for key in ("accuracy", "mean_class_accuracy", "cam_iou", "pointing", "region_on_part",
+                "relevance_mass", "localization_accuracy"):
         assert 0.0 <= metrics[key] <= 1.0, key
+    for key in ("cam_iou", "pointing", "region_on_part", "relevance_mass"):
+        assert 0.0 < metrics[key + "_chance"] < 0.1, key  # the petal is a small share
     assert metrics["num_test_images"] == 40
     out = capsys.readouterr().out
     assert f"accuracy: {metrics['accuracy']:.4f}" in out and "metrics.json" in out

@@ -17,8 +17,6 @@ from PIL import Image
 import protozoo
 from protozoo.backbones import backbone_normalization
 from protozoo.data import build_data
-from protozoo.maps import percentile_box, upsample
-from protozoo.metrics import box_mask_overlap, evidence_on_part, prototype_purity
 from protozoo.outputs import PrototypeOutput
 from protozoo.projection import apply_push, compute_push
 from protozoo.render import evidence_report
@@ -267,103 +265,52 @@ def test_report_dispatch_and_metrics_through_evaluation(synthetic, tmp_path):
 
 
 # ----------------------------------------------------------------------------- metrics
-def _mask(shape=(10, 10), rows=slice(2, 6), cols=slice(2, 6)) -> torch.Tensor:
-    mask = torch.zeros(shape)
-    mask[rows, cols] = 1
-    return mask
-
-
-def test_box_mask_overlap_coefficient_by_hand():
-    boxes = torch.tensor([[2, 2, 6, 6],  # exactly the part: 16/16
-                          [7, 7, 10, 10],  # far away: 0
-                          [4, 2, 8, 6],  # half on the part: 8/16
-                          [5, 2, 9, 6],  # a quarter: 4/16
-                          [0, 0, 10, 10],  # covers the whole part: 16/min(100, 16)
-                          [3, 3, 4, 4]], dtype=torch.float32)  # one pixel inside: 1/1
-    masks = _mask().expand(len(boxes), 10, 10)
-    expected = torch.tensor([1.0, 0.0, 0.5, 0.25, 1.0, 1.0])
-    torch.testing.assert_close(box_mask_overlap(boxes, masks), expected)
-    empty = box_mask_overlap(torch.tensor([[2.0, 2, 6, 6]]), torch.zeros(1, 10, 10))
-    assert float(empty) == 0.0
-
-
-class _Push:
-    """A stand-in push dataset: only masks."""
-
-    has_masks = True
-
-    def __init__(self, masks):
-        self.masks = masks
-
-    def __getitem__(self, i):
-        return {"mask": self.masks[i][None]}
-
-
-def test_prototype_purity_on_hand_made_boxes():
-    push = _Push([_mask(), _mask(rows=slice(0, 10), cols=slice(0, 1))])
-    records = [{"image_index": 0, "high_activation_box": [2, 2, 6, 6]},  # on the part
-               {"image_index": 0, "high_activation_box": [7, 7, 10, 10]},  # off
-               {"image_index": 0, "high_activation_box": [4, 2, 8, 6]},  # 0.5: counts
-               {"image_index": 0, "high_activation_box": [5, 2, 9, 6]}]  # 0.25: does not
-    assert prototype_purity(records, push) == pytest.approx(0.5)
-    # the mask is looked up in the prototype's own source image (image 1: a thin left column)
-    assert prototype_purity([{"image_index": 1, "high_activation_box": [0, 0, 2, 10]}],
-                            push) == 1.0
-    assert prototype_purity([{"image_index": 1, "high_activation_box": [2, 2, 6, 6]}],
-                            push) == 0.0
-    assert np.isnan(prototype_purity([], push))
-
-
-class _Stub:
-    """contributions() as ProtoPNet's: similarity x last-layer weight."""
-
-    def __init__(self, weight):
-        self.weight = weight
-
-    def contributions(self, output):
-        return output.similarities.unsqueeze(1) * self.weight
-
-
 def _output(logits, sims, maps):
     return PrototypeOutput(logits=logits, stride=4, features=torch.zeros(1),
                            distances=-maps, min_distances=-sims, similarities=sims,
                            similarity_maps=maps)
 
 
+def _two_prototype_model():
+    model = protozoo.create_model("protopnet", backbone="tiny_cnn", num_classes=2,
+                                  prototypes_per_class=1, prototype_dim=4)
+    with torch.no_grad():
+        model.last_layer.weight.copy_(torch.eye(2))
+    return model
+
+
 def test_evidence_on_part_uses_the_top_prototype_of_the_predicted_class():
     # 2 classes, 2 prototypes (p0 -> class 0, p1 -> class 1), 16 px images, 4x4 maps
-    weight = torch.eye(2)
     maps = torch.zeros(3, 2, 4, 4)
     maps[:, 0, 0, 0] = 1.0  # p0 always fires in the top-left cell
     maps[:, 1, 3, 3] = 1.0  # p1 always fires in the bottom-right cell
     sims = torch.tensor([[2.0, 1.0], [1.0, 2.0], [2.0, 1.0]])
-    logits = sims @ weight.t()  # image 0 and 2 -> class 0 (p0), image 1 -> class 1 (p1)
+    logits = sims.clone()  # image 0 and 2 -> class 0 (p0), image 1 -> class 1 (p1)
     masks = torch.zeros(3, 1, 16, 16)
     masks[0, 0, :4, :4] = 1  # part top-left: p0's patch is on it
     masks[1, 0, :4, :4] = 1  # part top-left, but the evidence (p1) is bottom-right
     masks[2, 0, 12:, 12:] = 1  # part bottom-right; the class-1 prototype would hit, p0 does not
-    out = _output(logits, sims, maps)
-    hits = evidence_on_part(_Stub(weight), out, {"mask": masks})
-    torch.testing.assert_close(hits, torch.tensor([1.0, 0.0, 0.0]))
-    # the box it scores is the report's rule: 95th percentile of the upsampled map
-    box = percentile_box(upsample(maps[:1, :1], (16, 16))[0, 0].numpy())
-    assert box[2] <= 8 and box[3] <= 8
+    out = _two_prototype_model().explanation_metrics(_output(logits, sims, maps), {"mask": masks})
+    torch.testing.assert_close(out["evidence_on_part"], torch.tensor([1.0, 0.0, 0.0]))
+    torch.testing.assert_close(out["evidence_on_part_chance"], torch.full((3,), 16 / 256))
+    # the 5 px region around the peak (pixel (1, 1) or so): mostly on the 4x4 part in image 0
+    assert out["evidence_region_on_part"][0] > 0.3 and out["evidence_region_on_part"][1] == 0
+    # relevance mass: the predicted class's evidence map is its own prototype's map
+    assert out["evidence_relevance_mass"][0] > 0.7 and out["evidence_relevance_mass"][1] < 0.05
 
 
-def test_evidence_on_part_threshold_is_half_overlap():
-    weight = torch.eye(1)
-    maps = torch.zeros(2, 1, 4, 4)
-    maps[:, 0, 1, 1] = 1.0
-    up = upsample(maps[:1], (16, 16))[0, 0].numpy()
-    x0, y0, x1, y1 = percentile_box(up)
-    area = (x1 - x0) * (y1 - y0)
-    masks = torch.zeros(2, 1, 16, 16)
-    # mask 0: a large part holding exactly half of the box (its left columns) -> counts
-    half = (x1 - x0) // 2
-    assert (x1 - x0) % 2 == 0 and area >= 4
-    masks[0, 0, :, : x0 + half] = 1
-    # mask 1: a large part holding less than half of the box -> does not
-    masks[1, 0, :, : x0 + half - 1] = 1
-    sims = torch.ones(2, 1)
-    hits = evidence_on_part(_Stub(weight), _output(sims, sims, maps), {"mask": masks})
-    torch.testing.assert_close(hits, torch.tensor([1.0, 0.0]))
+def test_evidence_map_is_the_weighted_sum_of_similarity_maps():
+    model = _two_prototype_model()
+    with torch.no_grad():
+        model.last_layer.weight.copy_(torch.tensor([[1.0, -0.5], [0.25, 2.0]]))
+    maps = torch.rand(2, 2, 3, 3)
+    sims = maps.flatten(2).amax(2)
+    out = _output(sims @ model.last_layer.weight.t(), sims, maps)
+    ev = model.evidence_maps(out, torch.tensor([0, 1]))
+    torch.testing.assert_close(ev[0], maps[0, 0] - 0.5 * maps[0, 1])
+    torch.testing.assert_close(ev[1], 0.25 * maps[1, 0] + 2.0 * maps[1, 1])
+    # at a prototype's best cell its term is exactly its contribution to the class
+    contributions = model.contributions(out)
+    j_best = maps[0, 0].flatten().argmax()
+    torch.testing.assert_close(maps[0, 0].flatten()[j_best] * model.last_layer.weight[0, 0],
+                               contributions[0, 0, 0])

@@ -47,7 +47,8 @@ class CAMNet(ZooModel):
         return CAMOutput(logits=logits, stride=self.stride, features=features, cams=cams)
 
     def explanation_metrics(self, output: CAMOutput, batch: dict) -> dict[str, torch.Tensor]:
-        """``cam_iou``, ``pointing_game`` (15 px) and ``localization_accuracy`` for one batch."""
+        """Pointing, region on the part, relevance mass, ``cam_iou`` and ``localization_accuracy``
+        for one batch, each beside its chance level (:func:`protozoo.metrics.cam_metrics`)."""
         preds = output.logits.argmax(1)
         return metrics.cam_metrics(output.cams.float(), batch["label"], preds,
                                    batch["image"].shape[-2:], batch.get("mask"), batch.get("box"))

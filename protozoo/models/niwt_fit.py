@@ -177,12 +177,13 @@ def explanation_precision(model, dataset, batch_size: int, device,
                           top_k: int = 3) -> dict[str, float]:
     """How often the attribute naming each of the top-k neurons of a prediction is an attribute
     the predicted class has (binarised signature), against chance (the fraction of attributes a
-    class has); and how often the top neuron's map peaks on the object (ground-truth mask)."""
+    class has); and how often the top neuron's map peaks on the object (ground-truth mask; strict
+pointing, chance = the object's share of the image)."""
     from ..maps import upsample
-    from ..metrics import pointing_game
+    from ..metrics import part_share, pointing
 
     signatures = zs.binarize_attributes(model.class_attributes.cpu().numpy())
-    hits, on_object = [], []
+    hits, on_object, object_share = [], [], []
     for batch in DataLoader(dataset, batch_size=batch_size):
         images = batch["image"].to(device)
         expl = model.explain(images, top_k=top_k)
@@ -193,11 +194,13 @@ def explanation_precision(model, dataset, batch_size: int, device,
                             bool(signatures[cls, model.attribute_names.index(top)]))
         if "mask" in batch:
             maps = upsample(expl.maps[:, :1].float(), images.shape[-2:])[:, 0]
-            on_object.append(pointing_game(maps, batch["mask"][:, 0], tolerance=0.0))
+            on_object.append(pointing(maps, batch["mask"][:, 0]))
+            object_share.append(part_share(batch["mask"][:, 0]))
     result = {"explanation_attribute_precision": float(np.mean(hits)),
               "explanation_attribute_chance": float(signatures.mean())}
     if on_object:
         result["explanation_top_neuron_on_object"] = float(torch.cat(on_object).mean())
+        result["explanation_top_neuron_on_object_chance"] = float(torch.cat(object_share).mean())
     return result
 
 

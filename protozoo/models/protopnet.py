@@ -25,6 +25,7 @@ from torch import nn
 
 from .. import losses
 from ..config import Phase, TrainConfig
+from ..maps import upsample
 from ..outputs import PrototypeOutput
 from ..registry import register_model
 from .base import ZooModel
@@ -54,15 +55,42 @@ def add_on_layers(in_channels: int, dim: int, kind: str) -> nn.Sequential:
 
 
 def squared_distances(features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
-    """Exact squared L2 distances ``[B, P, h, w]`` between every cell of ``features``
-    ``[B, D, h, w]`` and every row of ``prototypes`` ``[P, D]``, in fp32, clamped at 0."""
+    """Squared L2 distances ``[B, P, h, w]`` between every cell of ``features`` ``[B, D, h, w]``
+    and every row of ``prototypes`` ``[P, D]``: one fp32 matrix product, clamped at 0.
+
+    ``||x - p||^2 = ||x||^2 - 2 x.p + ||p||^2`` cancels catastrophically near 0 (in fp32 an
+    error of ~5e-5 on 128 channels in (0, 1), where the log similarity's slope is -1e4). Both
+    sides are first centred on the prototypes' mean (distances do not change under a shared
+    shift), which shrinks the norms and that error about fourfold; :func:`nearest_distances`
+    then recomputes the minimum exactly."""
     with torch.autocast(features.device.type, enabled=False):
-        f = features.float()
         p = prototypes.float()
+        centre = p.detach().mean(0)
+        f = features.float() - centre.view(1, -1, 1, 1)
+        p = p - centre
         cross = torch.einsum("bdhw,pd->bphw", f, p)
         f2 = (f * f).sum(1, keepdim=True)
         p2 = (p * p).sum(1).view(1, -1, 1, 1)
         return (f2 - 2 * cross + p2).clamp_min(0)
+
+
+def nearest_distances(features: torch.Tensor, prototypes: torch.Tensor,
+                      distances: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min-pooling with an exact minimum: each prototype's nearest cell is found on the matrix-
+    product ``distances`` ``[B, P, h, w]``, and its distance recomputed there as the sum of
+    squared differences (exact to fp32 rounding, ~1e-12 at a pushed prototype's own patch instead
+    of ~1e-5). Returns ``(min_distances [B, P], distances with those minima written in)``, so a
+    similarity map's maximum is exactly the similarity that enters the logits. Gradients flow
+    through the exact minimum, to the nearest cell only, as min-pooling's do."""
+    with torch.autocast(features.device.type, enabled=False):
+        B, P, h, w = distances.shape
+        flat = distances.flatten(2)
+        where = flat.argmin(2)  # [B, P]
+        f = features.float().flatten(2)  # [B, D, hw]
+        nearest = f.gather(2, where.unsqueeze(1).expand(-1, f.shape[1], -1))  # [B, D, P]
+        exact = (nearest - prototypes.float().t().unsqueeze(0)).pow(2).sum(1)  # [B, P]
+        maps = flat.scatter(2, where.unsqueeze(2), exact.unsqueeze(2)).view(B, P, h, w)
+        return exact, maps
 
 
 @register_model("protopnet")
@@ -111,10 +139,21 @@ class ProtoPNet(ZooModel):
 
     # ---------------------------------------------------------------- forward
     def distances_from_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Squared distance maps ``[B, P, h, w]`` (matrix-product form; see
+        :meth:`prototype_distances` for the exact minima)."""
         if self.similarity == "cosine":
             return squared_distances(F.normalize(features.float(), dim=1),
                                      F.normalize(self.prototypes.float(), dim=1))
         return squared_distances(features, self.prototypes)
+
+    def prototype_distances(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(min_distances [B, P], distance maps [B, P, h, w])`` with exact minima
+        (:func:`nearest_distances`)."""
+        protos = self.prototypes
+        if self.similarity == "cosine":
+            features, protos = F.normalize(features.float(), dim=1), F.normalize(protos.float(),
+                                                                                 dim=1)
+        return nearest_distances(features, protos, squared_distances(features, protos))
 
     def similarity_of(self, distances: torch.Tensor) -> torch.Tensor:
         if self.similarity == "cosine":
@@ -123,10 +162,11 @@ class ProtoPNet(ZooModel):
 
     def forward(self, x: torch.Tensor) -> PrototypeOutput:
         features = self.add_on(self.backbone(x))
-        distances = self.distances_from_features(features)
-        min_distances = distances.flatten(2).amin(2)
+        min_distances, distances = self.prototype_distances(features)
         similarities = self.similarity_of(min_distances)
-        logits = self.last_layer(similarities.to(self.last_layer.weight.dtype))
+        # the logits are the same fp32 product as ``contributions`` (not bf16 under autocast)
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(similarities.float(), self.last_layer.weight.float())
         return PrototypeOutput(logits=logits, stride=self.stride, features=features,
                                distances=distances, min_distances=min_distances,
                                similarities=similarities,
@@ -170,20 +210,85 @@ class ProtoPNet(ZooModel):
 
         return {"push": push_action, "prune": prune_action}
 
-    def dataset_metrics(self, data, amp: str = "auto") -> dict[str, float]:
-        # reads the prototypes' push metadata: no inference, so ``amp`` has nothing to set
-        from ..metrics import prototype_purity
-
-        if not data.has_masks or not self.metadata.get("prototypes"):
-            return {}
-        return {"prototype_purity": prototype_purity(self.metadata["prototypes"], data.push)}
+    def evidence_maps(self, output: PrototypeOutput, classes: torch.Tensor) -> torch.Tensor:
+        """``[B, h, w]``: the evidence for class ``classes[b]`` over the feature cells: every
+        prototype's similarity map scaled to peak 1 and weighted by its contribution to the class,
+        summed. A prototype's term equals its contribution at its best cell, so the map shows
+        where the class score comes from; since ``contribution / similarity`` is the last-layer
+        weight, the map is ``sum_j w_kj * similarity_map_j``."""
+        weights = self.last_layer.weight.float()[classes]  # [B, P]
+        return torch.einsum("bp,bphw->bhw", weights, output.similarity_maps.float())
 
     def explanation_metrics(self, output: PrototypeOutput, batch: dict) -> dict:
-        from ..metrics import evidence_on_part
+        """Per test image, against the part mask, each beside its ``_chance`` level: does the
+        strongest evidence for the prediction -- the prototype with the largest contribution to
+        the predicted class, its similarity map upsampled bicubically -- peak on the part
+        (``evidence_on_part``, strict pointing), how much of the fixed region around that peak
+        is on the part (``evidence_region_on_part``), and which share of the whole evidence map
+        (:meth:`evidence_maps`) lies on it (``evidence_relevance_mass``)."""
+        from ..metrics import part_share, pointing, region_chance, region_on_part, \
+            region_side, relevance_mass
+        from ..projection import MAP_UPSAMPLING
 
         if "mask" not in batch:
             return {}
-        return {"evidence_on_part": evidence_on_part(self, output, batch)}
+        masks = batch["mask"][:, 0]
+        size = tuple(masks.shape[-2:])
+        preds = output.logits.argmax(1)
+        idx = torch.arange(len(preds), device=preds.device)
+        top = self.contributions(output)[idx, preds].argmax(1)
+        top_maps = upsample(output.similarity_maps[idx, top][:, None], size, MAP_UPSAMPLING)[:, 0]
+        evidence = upsample(self.evidence_maps(output, preds)[:, None], size, MAP_UPSAMPLING)[:, 0]
+        side, share = region_side(size[-1]), part_share(masks)
+        return {"evidence_on_part": pointing(top_maps, masks), "evidence_on_part_chance": share,
+                "evidence_region_on_part": region_on_part(top_maps, masks, side),
+                "evidence_region_on_part_chance": region_chance(masks, side),
+                "evidence_relevance_mass": relevance_mass(evidence, masks),
+                "evidence_relevance_mass_chance": share}
+
+    def dataset_metrics(self, data, amp: str = "auto") -> dict[str, float]:
+        """The prototypes as the final model holds them, over the push set:
+
+        * ``prototypes_at_source``: the share of prototypes whose highest similarity over their
+          source image is at their recorded source cell, and ``prototype_source_drift``: the
+          largest change of that similarity since push (a prototype must still *be* its patch);
+        * ``prototype_class_specificity``: mean probability that an own-class image is nearer
+          than another class's (:mod:`protozoo.pruning`), ``class_agnostic_prototypes``: how many
+          score below its threshold;
+        * with part masks, ``prototype_purity``: the share of prototypes whose similarity map on
+          their source image (bicubic, as the report draws it) peaks on the part, and
+          ``prototype_region_on_part``, each beside its ``_chance`` level."""
+        from ..metrics import part_share, pointing, region_chance, region_on_part, region_side
+        from ..projection import MAP_UPSAMPLING, source_similarity_maps
+        from ..pruning import MIN_SPECIFICITY, assess_prototypes
+
+        records = self.metadata.get("prototypes")
+        if not records:
+            return {}
+        device = next(self.parameters()).device
+        maps = source_similarity_maps(self, data.push, records, device=device, amp=amp)
+        cells = torch.tensor([r["cell"] for r in records], device=maps.device)
+        rows = torch.arange(len(records), device=maps.device)
+        at_cell = maps[rows, cells[:, 0], cells[:, 1]]
+        pushed = torch.tensor([r.get("source_similarity", float("nan")) for r in records],
+                              device=maps.device)
+        specificity = assess_prototypes(self, data.push, device=device, amp=amp)["specificity"]
+        out = {"prototypes_at_source": float((at_cell >= maps.flatten(1).amax(1)).float().mean()),
+               "prototype_source_drift": float((at_cell - pushed).abs().max()),
+               "prototype_class_specificity": float(specificity.mean()),
+               "class_agnostic_prototypes": int((specificity < MIN_SPECIFICITY).sum())}
+        if data.has_masks:
+            masks = torch.stack([data.push[int(r["image_index"])]["mask"][0]
+                                 for r in records]).to(maps.device)
+            size = tuple(masks.shape[-2:])
+            up = upsample(maps[:, None], size, MAP_UPSAMPLING)[:, 0]
+            side = region_side(size[-1])
+            out.update({"prototype_purity": float(pointing(up, masks).mean()),
+                        "prototype_purity_chance": float(part_share(masks).mean()),
+                        "prototype_region_on_part": float(region_on_part(up, masks, side).mean()),
+                        "prototype_region_on_part_chance": float(region_chance(masks,
+                                                                               side).mean())})
+        return out
 
 
 # Joint epochs of the short schedule. 10, not 6: on synthetic-parts (2026-12-02, two threads,

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ..maps import threshold_box, upsample
-from .html import esc, img_tag, table, write_page
+from .html import esc, img_tag, metrics_table, table, write_page
 from .overlay import draw_box, heatmap_overlay, save_png, upscale
 
 GREEN, YELLOW, RED = (0, 200, 0), (255, 230, 0), (230, 0, 0)
@@ -82,7 +82,7 @@ def write_cam_report(model, data, out_dir: Path, metrics: dict, images=None,
                      esc(model.class_names[label])])
     user_rows = _user_image_rows(model, images or [], out_dir, data.image_size, scale)
     _save_grid(out_dir / "cams.png", grid)
-    body = (_metrics_table(metrics)
+    body = (metrics_table(metrics)
             + "<p>Left: the image with the ground-truth part outlined in red and the object box in "
               "green. Middle: the CAM of the predicted class, with the box of Zhou et al.'s rule "
               "(20% of the maximum, largest connected component) in yellow. Right, for errors "
@@ -92,11 +92,6 @@ def write_cam_report(model, data, out_dir: Path, metrics: dict, images=None,
     write_page(out_dir / "index.html", f"CAM report — {model.model_name} ({model.backbone.name})",
                body)
     return out_dir / "index.html"
-
-
-def _metrics_table(metrics: dict) -> str:
-    rows = [[esc(k), esc(f"{v:.4f}" if isinstance(v, float) else v)] for k, v in metrics.items()]
-    return "<h2>Test metrics</h2>" + table(["metric", "value"], rows)
 
 
 def _save_grid(path: Path, panels: list[np.ndarray], columns: int = 4) -> None:
@@ -135,5 +130,5 @@ def _user_image_rows(model, paths, out_dir: Path, image_size: int, scale: int) -
 def write_accuracy_report(model, data, out_dir: Path, metrics: dict, images=None) -> Path:
     """Fallback for families without a report of their own: the metrics page."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_page(out_dir / "index.html", f"Report — {model.model_name}", _metrics_table(metrics))
+    write_page(out_dir / "index.html", f"Report — {model.model_name}", metrics_table(metrics))
     return out_dir / "index.html"

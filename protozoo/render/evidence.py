@@ -8,8 +8,10 @@
 * Global (the model): ``prototypes.html``, every prototype's source patch and its 5 nearest
   training patches (any class), grouped by class.
 
-Boxes are always the high-activation box (95th percentile of the similarity map upsampled to the
-image, :func:`protozoo.maps.percentile_box`), the rule push provenance and the metrics use.
+Boxes are always the high-activation box (95th percentile of the similarity map upsampled
+bicubically to the image, as the official code; :func:`protozoo.projection.high_activation_boxes`),
+the rule push provenance uses. The metrics score the map itself (its peak, the region around it,
+its mass), not the box.
 
 Folder layout (relative links only, no external resources, so it works copied anywhere)::
 
@@ -25,8 +27,9 @@ import numpy as np
 import torch
 
 from ..errors import DataError, UserError
-from ..maps import percentile_box, percentile_boxes, upsample
-from .html import esc, img_tag, table, write_page
+from ..maps import percentile_box, upsample
+from ..projection import MAP_UPSAMPLING, high_activation_boxes
+from .html import esc, img_tag, metrics_table, table, write_page
 from .overlay import draw_box, heatmap_overlay, save_png, upscale
 
 PERCENTILE = 95.0  # high-activation box, as push provenance and evidence_on_part
@@ -68,7 +71,7 @@ class Evidence:
         return int(self.logits.argmax())
 
     def upsampled(self, j: int) -> np.ndarray:
-        return upsample(self.maps[j][None, None], self.raw.shape[:2])[0, 0].numpy()
+        return upsample(self.maps[j][None, None], self.raw.shape[:2], MAP_UPSAMPLING)[0, 0].numpy()
 
     def box(self, j: int) -> tuple[int, int, int, int]:
         """High-activation box of prototype ``j`` on this image."""
@@ -301,10 +304,10 @@ def nearest_patch_boxes(model, dataset, k: int = NEAREST, batch_size: int = 128)
     """For every prototype its ``k`` nearest training images (one patch each, any class) and the
     high-activation box of the prototype's similarity map on each: ``(distances [P, k],
     image_index [P, k], boxes [P][k])``."""
-    from ..projection import nearest_patches
+    from ..projection import nearest_images
 
     device = next(model.parameters()).device
-    dist, index, _ = nearest_patches(model, dataset, k, batch_size, device)
+    dist, index, _ = nearest_images(model, dataset, k, batch_size, device)
     dist, index = dist.cpu(), index.cpu()
     P, k = index.shape
     flat_i, flat_j = index.flatten(), torch.arange(P).repeat_interleave(k)
@@ -323,8 +326,7 @@ def nearest_patch_boxes(model, dataset, k: int = NEAREST, batch_size: int = 128)
     if maps is None:  # an empty push set
         return dist, index, [[] for _ in range(P)]
     size = tuple(dataset.raw_image(0).shape[:2])
-    boxes = [tuple(b) for b in
-             percentile_boxes(upsample(maps[:, None], size)[:, 0], PERCENTILE).tolist()]
+    boxes = [tuple(b) for b in high_activation_boxes(maps, size, PERCENTILE).tolist()]
     return dist, index, [boxes[j * k:(j + 1) * k] for j in range(P)]
 
 
@@ -406,11 +408,6 @@ def _provenance_line(rec: dict | None, j: int, first: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- full report
-def _metrics_table(metrics: dict) -> str:
-    rows = [[esc(k), esc(f"{v:.4f}" if isinstance(v, float) else v)] for k, v in metrics.items()]
-    return "<h2>Test metrics</h2>" + table(["metric", "value"], rows)
-
-
 def write_evidence_report(model, data, out_dir: Path, metrics: dict, images=None,
                           count: int = 8) -> Path:
     """The ProtoPNet report: ``index.html`` (metrics, links), one local page per picked test
@@ -472,7 +469,7 @@ def _write_pages(model, data, out_dir: Path, metrics: dict, images: list, count:
         (user_rows if user else rows).append(cells + ([] if user else
                                                       [esc(model.class_names[label])]))
     write_gallery(model, data, out_dir, sources)
-    body = (_metrics_table(metrics)
+    body = (metrics_table(metrics)
             + f'<h2>Prototypes</h2><p><a href="{GALLERY}">Prototype gallery</a>: all '
               f"{model.num_prototypes} prototypes, their source patches and nearest training "
               "patches.</p><h2>Test images</h2><p>Why did the model decide what it did? Each "

@@ -38,3 +38,16 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     head = "".join(f"<th>{esc(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def metrics_table(metrics: dict, title: str = "Test metrics") -> str:
+    """The metrics as a table; an explanation metric ``X`` with a ``X_chance`` companion shows it
+    in the *chance level* column (what a uniform map scores), never on its own."""
+    def fmt(value) -> str:
+        return esc(f"{value:.4f}" if isinstance(value, float) else value)
+
+    rows = [[esc(k), fmt(v), fmt(metrics[k + "_chance"]) if k + "_chance" in metrics else ""]
+            for k, v in metrics.items() if not k.endswith("_chance") or k[:-7] not in metrics]
+    return (f"<h2>{esc(title)}</h2>" + table(["metric", "value", "chance level"], rows)
+            + "<p>Chance level: the score of a map that carries no information (a uniform map, "
+              "or a whole-image box).</p>")

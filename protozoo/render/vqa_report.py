@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cam_report import RED, _mask_outline, _metrics_table, _save_grid, side_by_side
-from .html import esc, img_tag, table, write_page
+from .cam_report import RED, _mask_outline, _save_grid, side_by_side
+from .html import esc, img_tag, metrics_table, table, write_page
 from .overlay import draw_box, heatmap_overlay, save_png, upscale
 
 KEPT = (255, 230, 0)
@@ -80,7 +80,7 @@ def write_vqa_report(model, data, out_dir: Path, metrics: dict, images=None,
             "saw the dimmed ones" if model.model_name == "han" else
             "the attention of every hop, first hop first (a uniform map for models without "
             "attention)")
-    body = (_metrics_table(metrics)
+    body = (metrics_table(metrics)
             + "<p>Left: the image, with the objects the answer depends on outlined in red. Then "
               f"{esc(what)}.</p>"
             + f"<p>{img_tag('attention.png', 'all panels')}</p>"
