@@ -16,7 +16,8 @@ Two rules, both computed from every prototype's distance to every push image's c
   0.5, and it is pruned when the score is below :data:`MIN_SPECIFICITY`: its similarity is then a
   constant bonus to its class, not evidence found in the image.
 
-The specificity of every kept prototype is stored in its push provenance (``class_specificity``)
+A class whose prototypes all fail keeps its most specific one, so that every class can still be
+explained by evidence of its own. The specificity of every kept prototype is stored in its push provenance (``class_specificity``)
 and shown in the report. The last layer is then optimised again (a separate phase).
 """
 from __future__ import annotations
@@ -68,6 +69,11 @@ def assess_prototypes(model, dataset, k: int = 6, tau: int = 3, batch_size: int 
     own_nearest = expected_own_among_nearest(distances, own, k)
     specificity = class_specificity(distances, own)
     prune = (own_nearest < tau) | (specificity < MIN_SPECIFICITY)
+    classes = model.prototype_class.cpu()
+    for c in classes.unique():  # a class keeps its most specific prototype
+        mine = (classes == c).nonzero().flatten()
+        if bool(prune[mine].all()):
+            prune[mine[specificity[mine].nan_to_num(-1.0).argmax()]] = False
     return {"own_nearest": own_nearest, "specificity": specificity, "prune": prune}
 
 
@@ -116,9 +122,6 @@ def prune_action(ctx, k: int = 6, tau: int = 3) -> dict:
     record_specificity(ctx.model, verdict["specificity"])
     prune = verdict["prune"].nonzero().flatten()
     agnostic = int((verdict["specificity"] < MIN_SPECIFICITY).sum())
-    if len(prune) == ctx.model.num_prototypes:
-        return {"prune/pruned": 0, "prune/class_agnostic": agnostic,
-                "prune/note": "rules would prune every prototype; kept all"}
     remove_prototypes(ctx.model, prune)
     after = ctx.evaluate(ctx.data.val)["accuracy"]
     return {"prune/pruned": int(len(prune)), "prune/class_agnostic": agnostic,

@@ -29,6 +29,7 @@ import torch
 from ..errors import DataError, UserError
 from ..maps import percentile_box, upsample
 from ..projection import MAP_UPSAMPLING, high_activation_boxes
+from ..pruning import MIN_SPECIFICITY
 from .html import esc, img_tag, metrics_table, table, write_page
 from .overlay import draw_box, heatmap_overlay, save_png, upscale
 
@@ -361,7 +362,9 @@ def write_gallery(model, data, out_dir: Path, sources: PrototypeSources, k: int 
             f"patch itself, then the {k} training patches nearest to it (one per image, any "
             "class; green frame: same class as the prototype, red: another class). Boxes are "
             "the 95th-percentile high-activation boxes. The projection distance is how far the "
-            "prototype moved when it was projected onto its patch.</p>"
+            "prototype moved when it was projected onto its patch; the class specificity is the "
+            "probability that an image of its class is nearer to it than an image of another "
+            f"class (0.5: it matches every image alike; pruned below {MIN_SPECIFICITY}).</p>"
             + _sources_note(model, sources) + "\n".join(sections))
     path = out_dir / GALLERY
     write_page(path, f"Prototypes — {model.model_name} ({model.backbone.name})", body)
@@ -400,6 +403,12 @@ def _provenance_line(rec: dict | None, j: int, first: dict) -> str:
     source = Path(str(rec.get("image_path") or rec["image_index"])).name
     line = (f"source {esc(source)}, cell {esc(rec['cell'])}, projection distance "
             f"{_num(rec['distance'])}")
+    specificity = rec.get("class_specificity")
+    if specificity is not None:
+        flag = ("" if specificity >= MIN_SPECIFICITY else
+                " — <b class='bad'>class-agnostic: it matches other classes' images about as well "
+                "as its own</b>")
+        line += f", class specificity {_num(specificity)}{flag}"
     key = (rec.get("image_index"), tuple(rec.get("cell") or ()))
     if key in first:
         return line + f" — <b>the same patch as p{first[key]}</b> (a duplicate)"
