@@ -3,6 +3,14 @@
 A run is resolved from, in increasing priority: the dataclass defaults, a YAML file
 (``--config``), then command-line flags. The resolved config is saved in the run directory as
 ``train_config.json`` so a run can be resumed or reproduced from it alone.
+
+Why this module is a leaf (it imports only :mod:`protozoo.errors` and :mod:`protozoo.fileio`):
+families declare their schedules as :class:`Phase` data chosen from the run's
+:class:`TrainConfig` (``model.phases(cfg)``), the registry checks constructor arguments with
+:func:`check_type`, and the engine, the evaluation and the command line read the same config.
+Keeping both dataclasses here, below all of them, lets every layer read a run's settings
+without an import cycle; splitting ``Phase`` into a module of its own would still leave the
+families reading ``TrainConfig``.
 """
 from __future__ import annotations
 

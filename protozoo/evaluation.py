@@ -10,15 +10,15 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from . import checkpoint
 from .config import RUN_CONFIG, TrainConfig, read_config_json
-from .engine import iterate, resolve_device
+from .data.base import pick_examples  # noqa: F401  (re-exported: it lived here before)
 from .errors import UserError
 from .fileio import atomic_write_text
 from .metrics import mean_class_accuracy
+from .runtime import iterate, resolve_device
 
 
 def run_config(run_dir: Path, overrides: dict | None = None) -> TrainConfig:
@@ -102,17 +102,3 @@ def evaluate_run(run_dir, model=None, data=None, device="auto", report: bool = T
         write_report(model, data, run_dir / "report", metrics, images=images)
     return metrics
 
-
-def pick_examples(labels: list[int], count: int, seed: int = 0) -> list[int]:
-    """``count`` indices spread over the classes (round-robin), seeded."""
-    rng = np.random.default_rng(seed)
-    by_class = defaultdict(list)
-    for i, label in enumerate(labels):
-        by_class[int(label)].append(i)
-    queues = [list(rng.permutation(v)) for _, v in sorted(by_class.items())]
-    picked: list[int] = []
-    while len(picked) < count and any(queues):
-        for q in queues:
-            if q and len(picked) < count:
-                picked.append(int(q.pop(0)))
-    return picked

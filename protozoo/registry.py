@@ -4,6 +4,10 @@ Following timm's ``_registry.py``: a registry is a dict plus a decorator, and cr
 only looks its name up and dispatches. Registering a name twice is an error (as in torchvision's
 ``models/_api.py``), and an unknown name raises a :class:`~protozoo.errors.UserError` that lists the
 closest registered names.
+
+Lookup only: this module never imports the families, they import it to register. Importing
+:mod:`protozoo` (which any ``import protozoo.<module>`` does first) imports
+:mod:`protozoo.models`, and with it every family, before any lookup runs.
 """
 from __future__ import annotations
 
@@ -46,6 +50,13 @@ class Registry:
             return fn
 
         return decorator
+
+    def unregister(self, name: str) -> Callable:
+        """Remove ``name`` (e.g. a family a test registered); returns its constructor."""
+        try:
+            return self._entries.pop(name)
+        except KeyError:
+            raise unknown_name_error(self.kind, name, self._entries) from None
 
     def get(self, name: str) -> Callable:
         try:
@@ -120,22 +131,16 @@ def saved_kwargs(name: str, kwargs: dict) -> dict:
 def model_task(name: str) -> str:
     """What model ``name`` does with its input: ``"classify"`` images or answer questions about
     them (``"vqa"``), from the family's ``ZooModel.task``."""
-    from . import models  # noqa: F401
-
     return getattr(MODELS.get(name), "task", "classify")
 
 
 def models_for_task(task: str) -> list[str]:
-    from . import models  # noqa: F401
-
     return [n for n in MODELS.names() if model_task(n) == task]
 
 
 def _constructor_defaults(name: str) -> dict:
     """Every keyword of model ``name``'s constructor that has a default, with that default."""
     import inspect
-
-    from . import models  # noqa: F401
 
     return {key: param.default
             for key, param in inspect.signature(MODELS.get(name)).parameters.items()
@@ -150,12 +155,8 @@ def model_default(name: str, argument: str):
 
 def model_batch_size(name: str) -> int:
     """The family's default training batch size (``ZooModel.default_batch_size``)."""
-    from . import models  # noqa: F401
-
     return int(getattr(MODELS.get(name), "default_batch_size", 64))
 
 
 def list_models() -> list[str]:
-    from . import models  # noqa: F401  (importing the families registers them)
-
     return MODELS.names()

@@ -19,7 +19,8 @@ import torch
 from torch.utils.data import Dataset
 
 from protozoo.data.base import ImageDataset, stratified_split
-from protozoo.data.clevr import VQADataset, clevr_loader, scene_split, sort_of_clevr_loader
+from protozoo.data.clevr import VQADataset, clevr_loader, scene_split
+from protozoo.data.sort_of_clevr import sort_of_clevr_loader
 from protozoo.data.cub import CUBDataset, cub_labels
 from protozoo.data.digits import DigitsDataset, digits_labels
 from protozoo.data.folder import (

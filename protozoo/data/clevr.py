@@ -235,6 +235,12 @@ class VQADataset(Dataset):
         return self._table.image[self._positions].copy()
 
     @property
+    def groups(self) -> np.ndarray:
+        """The training sampler's groups (:mod:`protozoo.data.base`): the questions about one
+        image are batched together, so the image runs through the CNN once per batch."""
+        return self.image_indices
+
+    @property
     def question_texts(self) -> list[str]:
         return [self._table.texts[q] for q in self._positions]
 
@@ -455,35 +461,14 @@ def load_vqa(root, *, image_size: int, mean=(0.5,) * 3, std=(0.5,) * 3, seed: in
     return train, test, extras
 
 
-# -- build_data's loaders ---------------------------------------------------------------------
-SORT_OF_CLEVR_DEFAULTS = {"num_train": 4000, "num_test": 500}  # scenes, 20 questions each
-# As for synthetic-parts: the scenes do not follow the run seed, so every run is scored on the
-# same test set and a seed sweep does not regenerate the data.
-SORT_OF_CLEVR_DATA_SEED = 0
+# -- build_data's loader (Sort-of-CLEVR's, which generates then reads, is in sort_of_clevr) -----
 CLEVR_HINT = "--data-dir must be the extracted CLEVR_v1.0 folder (images/, questions/)"
 
 
-def _check_answers(num_classes, answers, name: str) -> None:
+def check_answers(num_classes, answers, name: str) -> None:
     if num_classes is not None and int(num_classes) != len(answers):
         raise DataError(f"num_classes={num_classes} but dataset '{name}' has {len(answers)} "
                         "answers: leave num_classes unset")
-
-
-def sort_of_clevr_loader(a: dict):
-    """``build_data``'s loader: generates (once, cached) and reads Sort-of-CLEVR.
-    ``num_train``/``num_test`` are numbers of scenes (defaults 4000/500)."""
-    from protozoo.data import sort_of_clevr as soc
-
-    _check_answers(a.get("num_classes"), soc.ANSWERS, "sort-of-clevr")
-    root = soc.ensure_sort_of_clevr(
-        a["cache_dir"] if a.get("cache_dir") is not None else soc.default_cache_dir(),
-        image_size=a["image_size"], seed=SORT_OF_CLEVR_DATA_SEED,
-        **{key: a[key] if a.get(key) is not None else SORT_OF_CLEVR_DEFAULTS[key]
-           for key in ("num_train", "num_test")})
-    train, test, extras = load_vqa(root, image_size=a["image_size"], mean=a["mean"],
-                                   std=a["std"], vocab=a.get("vocab"), answers=soc.ANSWERS)
-    extras["meta"] = soc.read_meta(root)
-    return train, test, extras
 
 
 def clevr_loader(a: dict):
@@ -497,5 +482,5 @@ def clevr_loader(a: dict):
     train, test, extras = load_vqa(root, image_size=a["image_size"], mean=a["mean"],
                                    std=a["std"], seed=a["seed"], num_train=a.get("num_train"),
                                    num_test=a.get("num_test"), vocab=a.get("vocab"))
-    _check_answers(a.get("num_classes"), train.class_names, "clevr")
+    check_answers(a.get("num_classes"), train.class_names, "clevr")
     return train, test, extras

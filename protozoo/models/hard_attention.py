@@ -93,7 +93,7 @@ class CellReasoner(VQAModel):
         step), and their ratio ``reasoning_speedup``."""
         from torch.utils.data import DataLoader
 
-        from ..engine import to_device
+        from ..runtime import to_device
 
         out = super().dataset_metrics(data, amp)
         device = next(self.parameters()).device

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Subset
 
 from .. import zeroshot as zs
-from ..engine import iterate
+from ..runtime import iterate
 from ..errors import UserError
 
 

@@ -54,7 +54,7 @@ def side_by_side(panels: list[np.ndarray], gap: int = 2) -> np.ndarray:
 
 def write_cam_report(model, data, out_dir: Path, metrics: dict, images=None,
                      count: int = 24) -> Path:
-    from ..evaluation import pick_examples
+    from ..data.base import pick_examples
 
     out_dir.mkdir(parents=True, exist_ok=True)
     dataset = data.test

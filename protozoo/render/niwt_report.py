@@ -109,7 +109,7 @@ def _unseen_table(model, top_k: int) -> str:
 
 def write_niwt_report(model, data, out_dir: Path, metrics: dict, images=None, count: int = 12,
                       top_k: int = 3) -> Path:
-    from ..evaluation import pick_examples
+    from ..data.base import pick_examples
 
     out_dir.mkdir(parents=True, exist_ok=True)
     model.eval()

@@ -48,7 +48,7 @@ def vqa_panels(image: np.ndarray, attention: torch.Tensor, kept: torch.Tensor | 
 def write_vqa_report(model, data, out_dir: Path, metrics: dict, images=None,
                      count: int = 24) -> Path:
     """``out_dir/index.html`` + one PNG per question and a grid of all of them."""
-    from ..evaluation import pick_examples
+    from ..data.base import pick_examples
 
     out_dir.mkdir(parents=True, exist_ok=True)
     dataset = data.test
