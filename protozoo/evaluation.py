@@ -42,7 +42,7 @@ def build_eval_data(cfg: TrainConfig, model):
                       mean=model.mean, std=model.std, num_classes=cfg.num_classes, seed=cfg.seed,
                       val_fraction=cfg.val_fraction, augment=False, cache_dir=cfg.cache_dir,
                       num_train=cfg.num_train, num_test=cfg.num_test,
-                      vocab=getattr(model, "vocab", None))  # a VQA model reads its own words
+                      **model.data_args())  # e.g. the words a model encodes questions with
 
 
 def test_metrics(model, dataset, batch_size: int, device, amp: str = "auto") -> dict:
@@ -77,8 +77,7 @@ def evaluate_run(run_dir, model=None, data=None, device="auto", report: bool = T
     cfg = run_config(run_dir, overrides)
     if data is None:
         data = build_eval_data(cfg, model)
-    # a zero-shot head (NIWT) classifies over more classes than its data trains on
-    trained_on = list(getattr(model, "data_class_names", model.class_names))
+    trained_on = list(model.data_class_names)  # a head may classify over more classes
     if len(data.class_names) != len(trained_on):
         raise UserError(f"the model has {len(trained_on)} classes but dataset '{cfg.dataset}' "
                         f"has {len(data.class_names)}; evaluate on the data it was trained on")
@@ -92,9 +91,7 @@ def evaluate_run(run_dir, model=None, data=None, device="auto", report: bool = T
     model.to(device)
     metrics = test_metrics(model, data.test, cfg.batch_size, device, cfg.amp)
     metrics.update(model.dataset_metrics(data, cfg.amp))
-    unknown = data.extras.get("unknown_words", {}).get("test")
-    if unknown is not None:  # test words the model never saw in training, read as <unk>
-        metrics["unknown_test_words"] = int(unknown)
+    metrics.update(data.data_metrics())  # e.g. test words the model never saw, read as <unk>
     atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
     if report:
         from .render.reports import write_report

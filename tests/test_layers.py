@@ -9,6 +9,7 @@ would see every module depend on ``protozoo/__init__.py``.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -122,3 +123,20 @@ def test_forbidden_imports(importer, forbidden):
     bad = sorted(f"{a} imports {b}" for a, targets in import_graph().items()
                  if _within(a, importer) for b in targets if _within(b, forbidden))
     assert not bad, "; ".join(bad)
+
+
+GENERIC = ["engine.py", "evaluation.py", "render/reports.py", "render/vqa_report.py"]
+
+
+@pytest.mark.parametrize("name", GENERIC)
+def test_generic_code_names_no_family(name):
+    """The engine, the evaluation and the report dispatch ask the model; they never test its
+    name (every registered family, as a whole word, anywhere in the file)."""
+    import protozoo
+
+    families = set(protozoo.list_models()) | {"protopnet", "cam", "han", "san", "rn",
+                                              "cnn_lstm", "niwt"}
+    text = (PACKAGE / name).read_text()
+    found = sorted({m.group(0) for family in families
+                    for m in re.finditer(rf"\b{re.escape(family)}\b", text, re.IGNORECASE)})
+    assert not found, f"{name} names {', '.join(found)}"

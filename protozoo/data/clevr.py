@@ -427,14 +427,15 @@ def load_split(root, files: SplitFiles, image_size: int, answers, vocab: Vocabul
 
 def load_vqa(root, *, image_size: int, mean=(0.5,) * 3, std=(0.5,) * 3, seed: int = 0,
              num_train=None, num_test=None, vocab=None, answers=None, preload="auto"):
-    """(train, test, extras) for a folder in CLEVR's layout; see the module doc.
+    """(train, test, facts) for a folder in CLEVR's layout, ``facts`` being the values of the
+    optional :class:`~protozoo.data.DataBundle` fields it sets; see the module doc.
 
     ``num_train``/``num_test`` keep a seeded subset of that many *images* with all their
     questions. The answers (``answers`` unless given) are every answer of the training questions
     file, sorted, and the vocabulary is built from all its questions, so both stay the same
     whatever subset is kept; pass ``vocab`` (a word list, e.g. a loaded model's) to encode with
     it instead. Test questions map unknown words to ``<unk>``, counted in
-    ``extras["unknown_words"]``.
+    ``unknown_words``.
     """
     root = Path(root)
     read = read_questions(root, "train")
@@ -454,11 +455,11 @@ def load_vqa(root, *, image_size: int, mean=(0.5,) * 3, std=(0.5,) * 3, seed: in
     for ds in (train, test):  # one padded length for the whole bundle
         pad = length - ds._table.tokens.shape[1]
         ds._table.tokens = np.pad(ds._table.tokens, ((0, 0), (0, pad)))
-    extras = {"root": str(root), "vocab": vocab.to_json(),
+    facts = {"root": str(root), "vocab": vocab.to_json(),
               "model_kwargs": {"vocab": vocab.to_json()}, "question_types": list(QUESTION_TYPES),
               "max_question_length": length, "test_split": test_files.split,
               "unknown_words": {"train": unknown_train, "test": unknown_test}}
-    return train, test, extras
+    return train, test, facts
 
 
 # -- build_data's loader (Sort-of-CLEVR's, which generates then reads, is in sort_of_clevr) -----
@@ -479,8 +480,8 @@ def clevr_loader(a: dict):
     root = Path(a["data_dir"]).expanduser()
     if not root.is_dir():
         raise DataError(f"data folder '{root}' not found: {CLEVR_HINT}")
-    train, test, extras = load_vqa(root, image_size=a["image_size"], mean=a["mean"],
+    train, test, facts = load_vqa(root, image_size=a["image_size"], mean=a["mean"],
                                    std=a["std"], seed=a["seed"], num_train=a.get("num_train"),
                                    num_test=a.get("num_test"), vocab=a.get("vocab"))
     check_answers(a.get("num_classes"), train.class_names, "clevr")
-    return train, test, extras
+    return train, test, facts

@@ -598,7 +598,7 @@ def sort_of_clevr_loader(a: dict):
         image_size=a["image_size"], seed=SORT_OF_CLEVR_DATA_SEED,
         **{key: a[key] if a.get(key) is not None else SORT_OF_CLEVR_DEFAULTS[key]
            for key in ("num_train", "num_test")})
-    train, test, extras = load_vqa(root, image_size=a["image_size"], mean=a["mean"],
+    train, test, facts = load_vqa(root, image_size=a["image_size"], mean=a["mean"],
                                    std=a["std"], vocab=a.get("vocab"), answers=ANSWERS)
-    extras["meta"] = read_meta(root)
-    return train, test, extras
+    facts["meta"] = read_meta(root)
+    return train, test, facts

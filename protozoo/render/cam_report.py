@@ -126,9 +126,3 @@ def _user_image_rows(model, paths, out_dir: Path, image_size: int, scale: int) -
     return ("<h2>Your images</h2>" + table(["CAM", "file", "predicted", "true"], rows)) if rows \
         else ""
 
-
-def write_accuracy_report(model, data, out_dir: Path, metrics: dict, images=None) -> Path:
-    """Fallback for families without a report of their own: the metrics page."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_page(out_dir / "index.html", f"Report — {model.model_name}", metrics_table(metrics))
-    return out_dir / "index.html"

@@ -113,7 +113,7 @@ def write_niwt_report(model, data, out_dir: Path, metrics: dict, images=None, co
 
     out_dir.mkdir(parents=True, exist_ok=True)
     model.eval()
-    split = data.extras.get("zero_shot") if hasattr(data, "extras") else None
+    split = getattr(data, "zero_shot", None)
     scale = max(1, 96 // data.image_size)
     sections = [("unseen", split.unseen_test if split else None, count * 2 // 3),
                 ("seen", data.test, count - count * 2 // 3)]

@@ -1,7 +1,7 @@
 """VQA report: for test questions, the image, the question, the predicted and true answers, and
-where the model looked -- every attention hop of a soft-attention model (SAN) as a heatmap, or the
-cells a hard-attention model (HAN) kept, outlined on the image, with the objects the answer depends
-on outlined in red when the data has masks."""
+where the model looked -- every attention hop of a soft-attention model as a heatmap, or, for a
+model whose hard attention keeps cells (``model.keeps_cells``), the cells it kept outlined on the
+image, with the objects the answer depends on outlined in red when the data has masks."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -77,7 +77,7 @@ def write_vqa_report(model, data, out_dir: Path, metrics: dict, images=None,
                      esc(model.class_names[label]), esc(Path(item["path"]).name)])
     _save_grid(out_dir / "attention.png", grid, columns=3)
     what = ("the cells the hard attention kept (bright, yellow outline); the reasoning module never "
-            "saw the dimmed ones" if model.model_name == "han" else
+            "saw the dimmed ones" if getattr(model, "keeps_cells", False) else
             "the attention of every hop, first hop first (a uniform map for models without "
             "attention)")
     body = (metrics_table(metrics)
