@@ -104,6 +104,7 @@ def check_model_kwargs(name: str, kwargs: dict) -> None:
     from .config import check_type
 
     params = inspect.signature(MODELS.get(name)).parameters
+    hints = constructor_hints(name)
     open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     for key, value in kwargs.items():
         if key not in params and not open_ended:
@@ -111,9 +112,23 @@ def check_model_kwargs(name: str, kwargs: dict) -> None:
             hint = f"did you mean {', '.join(close)}?" if close else \
                 f"it takes {', '.join(p for p in params if p != 'self')}"
             raise UserError(f"model '{name}' has no argument '{key}': {hint}")
-        annotation = params[key].annotation if key in params else None
-        if isinstance(annotation, str):
-            check_type(value, annotation, f"argument '{key}' of model '{name}'")
+        if key in hints:
+            check_type(value, hints[key], f"argument '{key}' of model '{name}'")
+
+
+def constructor_hints(name: str) -> dict:
+    """The type hints of model ``name``'s constructor arguments, evaluated
+    (:func:`typing.get_type_hints`); empty when an annotation cannot be evaluated here."""
+    import typing
+
+    constructor = MODELS.get(name)
+    try:
+        hints = typing.get_type_hints(constructor.__init__ if isinstance(constructor, type)
+                                      else constructor)
+    except Exception:  # e.g. a name imported for type checkers only: leave the values unchecked
+        return {}
+    hints.pop("return", None)
+    return hints
 
 
 def saved_kwargs(name: str, kwargs: dict) -> dict:
@@ -121,11 +136,9 @@ def saved_kwargs(name: str, kwargs: dict) -> dict:
     trained was built. Before arguments were type-checked, ``--model-arg film=False`` was saved
     as the string "False", which the model read as true; such a value becomes that truth value,
     so an old run loads as the model its weights belong to."""
-    import inspect
-
-    params = inspect.signature(MODELS.get(name)).parameters
-    return {key: bool(value) if isinstance(value, str) and key in params
-            and params[key].annotation == "bool" else value for key, value in kwargs.items()}
+    hints = constructor_hints(name)
+    return {key: bool(value) if isinstance(value, str) and hints.get(key) is bool else value
+            for key, value in kwargs.items()}
 
 
 def model_task(name: str) -> str:

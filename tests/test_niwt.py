@@ -170,6 +170,24 @@ def test_gzsl_metrics_by_hand():
     assert m["gzsl_h"] == pytest.approx(2 * 0.5 * 0.75 / 1.25) and m["zsl_unseen"] == 1.0
 
 
+def test_mean_per_class_accuracy_is_one_computation():
+    """The zero-shot metrics (scikit-learn's balanced accuracy) equal a per-class loop to the
+    bit, also when classes are absent from the labels, predicted only (unseen classes), or absent
+    altogether; evaluation's ``mean_class_accuracy`` (a NaN-mean over all classes) agrees up to
+    the rounding of its sum."""
+    from protozoo.metrics import mean_class_accuracy
+
+    rng = np.random.default_rng(0)
+    cases = [(np.array([0, 1, 1, 3]), np.array([0, 0, 1, 1]))]  # class 3 predicted only
+    cases += [(rng.integers(0, 7, n), rng.choice([0, 2, 3, 5], n)) for n in (1, 5, 40, 333)]
+    for preds, labels in cases:
+        by_hand = np.mean([(preds[labels == k] == k).mean() for k in np.unique(labels)])
+        assert zs.mean_per_class_accuracy(preds, labels) == by_hand
+        assert mean_class_accuracy(preds, labels, 8) == pytest.approx(by_hand, rel=1e-12)
+    assert zs.mean_per_class_accuracy(cases[0][0], cases[0][1]) == 0.5  # (1/2 + 1/2) / 2
+    assert np.isnan(zs.mean_per_class_accuracy([], []))
+
+
 # ----------------------------------------------------------------------------- data
 
 def test_synthetic_attributes_invariants(tmp_path):

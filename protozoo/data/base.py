@@ -168,7 +168,23 @@ def _as_vector(values, name: str) -> torch.Tensor:
     return vec.view(3, 1, 1)
 
 
-class ImageDataset(Dataset):
+class StoreView(Dataset):
+    """A dataset whose items are read from an :class:`ImageStore` (``self._store``) and labelled
+    by ``self.class_names``: what every such view shares."""
+
+    _store: ImageStore
+    class_names: list[str]
+
+    @property
+    def image_size(self) -> int:
+        return self._store.image_size
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+class ImageDataset(StoreView):
     """A view (subset, augmentation on/off) over an :class:`ImageStore`; see the module doc."""
 
     def __init__(self, store: ImageStore, class_names, *, mean=(0.5,) * 3, std=(0.5,) * 3,
@@ -203,14 +219,6 @@ class ImageDataset(Dataset):
     @property
     def has_boxes(self) -> bool:
         return self._store.has_boxes
-
-    @property
-    def image_size(self) -> int:
-        return self._store.image_size
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
 
     def __len__(self) -> int:
         return int(self._positions.size)

@@ -30,9 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
 
-from protozoo.data.base import ImageStore, _as_vector, parallel_map
+from protozoo.data.base import ImageStore, StoreView, _as_vector, parallel_map
 from protozoo.data.text import Vocabulary
 from protozoo.errors import DataError
 
@@ -185,7 +184,7 @@ def _mask_lookup(relevant: list, owners: np.ndarray) -> np.ndarray:
     return lut
 
 
-class VQADataset(Dataset):
+class VQADataset(StoreView):
     """Questions over images: an :class:`ImageStore` of the images plus a :class:`QuestionTable`.
 
     Item: ``image`` float32 [3, S, S] normalised, ``label`` (answer index into
@@ -255,14 +254,6 @@ class VQADataset(Dataset):
     @property
     def has_boxes(self) -> bool:
         return False
-
-    @property
-    def image_size(self) -> int:
-        return self._store.image_size
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
 
     def subset(self, indices, augment: bool | None = None) -> VQADataset:
         """A view of some questions (indices relative to this view); same store and table."""

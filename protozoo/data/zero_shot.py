@@ -190,7 +190,8 @@ def load_cub_zero_shot(root, image_size: int = 224, mean=(0.5,) * 3, std=(0.5,) 
 
 
 def cub_zsl_loader(a: dict):
-    """``build_data``'s loader for ``cub-zsl``: (train, test, the bundle's ``root`` and ``zero_shot``)."""
+    """``build_data``'s loader for ``cub-zsl``: (train, test, the bundle's ``root`` and
+    ``zero_shot``)."""
     if a.get("data_dir") is None:
         raise DataError("dataset 'cub-zsl' needs a data folder: --data-dir must be the extracted "
                         f"CUB_200_2011 folder, with {UNSEEN_FILE} in it or beside it")
