@@ -34,10 +34,9 @@ def check_base_dir(base_dir, name: str) -> Path:
     return path
 
 
-def base_settings(base_dir, name: str | None) -> dict:
+def base_settings(base_dir, name: str) -> dict:
     """The settings run ``base_dir`` passes on to a run of family ``name`` (flags given on the
     command line override them); a one-line error when ``name`` extends no run."""
-    name = name or TrainConfig.model
     if not extends_runs(name):
         users = [n for n in list_models() if extends_runs(n)]
         raise UserError(f"--base RUN_DIR is for --model {' or '.join(users)} (a head on a "

@@ -160,8 +160,7 @@ def has_type(value, hint) -> bool:
         return True
     if isinstance(value, bool) and hint in (int, float):
         return False
-    accepted = {type(None): type(None), float: (int, float), list: (list, tuple),
-                tuple: (list, tuple)}.get(hint, hint)
+    accepted = {float: (int, float), list: (list, tuple), tuple: (list, tuple)}.get(hint, hint)
     return isinstance(value, accepted)
 
 

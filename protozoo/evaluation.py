@@ -98,4 +98,3 @@ def evaluate_run(run_dir, model=None, data=None, device="auto", report: bool = T
 
         write_report(model, data, run_dir / "report", metrics, images=images)
     return metrics
-
