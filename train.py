@@ -19,6 +19,7 @@ import torch
 
 import protozoo
 from protozoo.backbones import backbone_normalization
+from protozoo.cli import base_settings, build_model, extends_runs
 from protozoo.config import RUN_CONFIG, TrainConfig, read_run_config, read_yaml
 from protozoo.data import DATASETS, VQA_DATASETS, build_data, check_data_dir
 from protozoo.engine import Trainer, read_resume_state, setup_distributed
@@ -31,8 +32,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config", help="YAML file of options; command-line flags override it")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last epoch")
-    p.add_argument("--base", metavar="RUN_DIR", help="--model niwt: the run of the seen-class "
-                   "classifier it extends (whose data settings are the defaults)")
+    p.add_argument("--base", metavar="RUN_DIR", help="for a model that extends a trained run "
+                   "(niwt: its seen-class classifier), that run; its data settings are the "
+                   "defaults")
     p.add_argument("--model", help=f"one of {', '.join(protozoo.list_models())} (default protopnet)")
     p.add_argument("--backbone", help="tiny_cnn, tiny_cnn_s4, small_cnn, rn_cnn, rn_cnn_rgb or any timm model "
                    "(default: the model family's own, e.g. tiny_cnn_s4 for protopnet)")
@@ -101,13 +103,11 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
     if flags.get("pretrained") == "timm":
         flags["pretrained"] = True
     values.update(flags)
-    base = args.base or values.get("model_args", {}).get("base")
-    if base or values.get("model") == "niwt":  # a head on a trained run: its data by default
-        from protozoo.models.niwt import inherited_config
-
-        values = {**inherited_config(base, values.get("model")), **values, "model_args": {
-            **values.get("model_args", {}), "base": base}}
     family = values.get("model", TrainConfig.model)
+    base = args.base or values.get("model_args", {}).get("base")
+    if base or extends_runs(family):  # a head on a trained run: that run's data by default
+        values = {**base_settings(base, family), **values, "model_args": {
+            **values.get("model_args", {}), "base": base}}
     if values.get("backbone") is None:  # the family's own default, recorded in the run
         values["backbone"] = model_default(family, "backbone")
     if values.get("batch_size") is None:  # VQA: 320 questions = ~16 scenes, one CNN pass each
@@ -118,25 +118,6 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
                               **_key_values(args.loss_weight, "--loss-weight")}
     # the file alone passed above, so what fails now came from the flags
     return TrainConfig.from_dict(values, source="the command line")
-
-
-def build_model(cfg: TrainConfig, class_names: list[str], data=None):
-    if cfg.model == "niwt":  # extends a trained run (--base) instead of starting from scratch
-        from protozoo.models.niwt import niwt_from_base
-
-        return niwt_from_base(cfg, data)
-    # constructor arguments the data dictates (a VQA model's vocabulary), then the user's
-    from_data = data.extras.get("model_kwargs", {}) if data is not None else {}
-    kwargs = dict(backbone=cfg.backbone, class_names=class_names, **{**from_data,
-                                                                       **cfg.model_args})
-    if cfg.pretrained:
-        kwargs["pretrained"] = cfg.pretrained
-    if cfg.stage != -1:
-        kwargs["stage"] = cfg.stage
-    try:  # names and types of the arguments are checked by create_model (one-line errors)
-        return protozoo.create_model(cfg.model, **kwargs)
-    except ValueError as exc:  # a --model-arg value the constructor rejects
-        raise UserError(f"model '{cfg.model}': {exc}; fix the --model-arg value") from None
 
 
 def check_model_data(cfg: TrainConfig) -> None:
@@ -253,7 +234,7 @@ def main(argv=None) -> int:
         model.metadata = json.loads(resume["metadata"])
         protozoo.checkpoint.load_state(model, resume["model"], source=str(run_dir / "train_state.pt"))
     else:
-        model = build_model(cfg, data.class_names, data)
+        model = build_model(cfg, data)  # the family's from_config
         model.backbone.check_input(torch.zeros(1, 3, data.image_size, data.image_size))
         dry_run(model, data, cfg)
         run_dir = new_run_dir(cfg, dist)
@@ -266,7 +247,7 @@ def main(argv=None) -> int:
                             "a writable --out") from None
         cfg.out = str(run_dir)
         cfg.save(run_dir / RUN_CONFIG)
-        items, classes = (("questions", "answers") if "vocab" in data.extras
+        items, classes = (("questions", "answers") if data.vocab is not None
                           else ("images", "classes"))
         print(f"training {cfg.model} ({cfg.backbone}) on {cfg.dataset}: {len(data.train)} train / "
               f"{len(data.val)} val / {len(data.test)} test {items}, {len(data.class_names)} "

@@ -40,7 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import header, sync  # noqa: E402  (common puts the checkout on sys.path)
 from protozoo.attention import resolve_k
-from protozoo.engine import autocast_for, resolve_device
+from protozoo.runtime import autocast_for, resolve_device
 from protozoo.models.hard_attention import time_reasoning
 from protozoo.registry import create_model
 

@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import header, protozoo, sync, three_conv_distances  # noqa: E402
-from protozoo.engine import resolve_device
+from protozoo.runtime import resolve_device
 from protozoo.models.protopnet import squared_distances
 
 TARGET = 1.15

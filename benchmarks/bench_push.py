@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import header, protozoo, sync, three_conv_distances  # noqa: E402
-from protozoo.engine import autocast_for, resolve_device, to_device
+from protozoo.runtime import autocast_for, resolve_device, to_device
 from protozoo.projection import compute_push, scan_nearest
 
 TARGET = 1.5

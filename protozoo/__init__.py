@@ -8,8 +8,7 @@
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
+from .version import __version__
 from . import models  # noqa: E402,F401  (registers the model families)
 from .backbones import create_backbone, list_backbones  # noqa: E402
 from .checkpoint import load, save  # noqa: E402

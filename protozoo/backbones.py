@@ -307,7 +307,7 @@ def create_backbone(name: str, pretrained: bool | str = False, stage: int = -1) 
             raise UserError(f"built-in backbone '{name}' has no published weights; pass "
                             "pretrained='path/to/weights.safetensors' or pretrained=False")
         if pretrained:
-            from .checkpoint import load_state  # a one-line error naming the mismatch
+            from .weights import load_state  # a one-line error naming the mismatch
 
             load_state(body, _read_state_dict(str(pretrained)), source=str(pretrained))
         return Backbone(body, name, stage)
@@ -360,7 +360,7 @@ def _read_state_dict(path: str) -> dict:
     if not os.path.isfile(path):
         raise UserError(f"pretrained weights file '{path}' not found; pass an existing "
                         ".safetensors or .pth file")
-    from .checkpoint import is_checkpoint_weights
+    from .weights import is_checkpoint_weights
 
     if is_checkpoint_weights(path):
         raise UserError(f"'{path}' is a whole protozoo checkpoint, not backbone weights: load it "

@@ -17,10 +17,12 @@ import torch
 
 from .errors import CheckpointError
 from .fileio import atomic_path, atomic_write_text
-
-FORMAT_VERSION = 1
-WEIGHTS = "model.safetensors"
-CONFIG = "config.json"
+from .registry import create_model, saved_kwargs
+from .runtime import resolve_device
+from .version import __version__
+# re-exported: the layout and the state-dict helpers live in the leaf protozoo.weights
+from .weights import (CONFIG, FORMAT_VERSION, REQUIRED_KEYS, WEIGHTS,  # noqa: F401
+                      is_checkpoint_weights, load_state)
 
 
 def _sha256(path: Path) -> str:
@@ -34,8 +36,6 @@ def _sha256(path: Path) -> str:
 def save(model, run_dir: str | os.PathLike, image_size: int | None = None) -> Path:
     """Write ``model`` to ``run_dir`` (created if needed); returns the directory."""
     from safetensors.torch import save_file
-
-    from . import __version__
 
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
@@ -60,21 +60,6 @@ def save(model, run_dir: str | os.PathLike, image_size: int | None = None) -> Pa
     }
     atomic_write_text(run_dir / CONFIG, json.dumps(config, indent=2))
     return run_dir
-
-
-REQUIRED_KEYS = ("model", "kwargs", "class_names")  # what rebuilds the model
-
-
-def is_checkpoint_weights(path: str | os.PathLike) -> bool:
-    """Is ``path`` the weights file of a protozoo checkpoint folder (a ``config.json`` beside it
-    with protozoo's keys)? timm's downloads also keep a ``config.json`` beside
-    ``model.safetensors``, so the name alone does not tell."""
-    config = Path(path).parent / CONFIG
-    try:
-        values = json.loads(config.read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(values, dict) and {"format_version", *REQUIRED_KEYS} <= set(values)
 
 
 def read_config(run_dir: str | os.PathLike) -> dict:
@@ -106,9 +91,6 @@ def load(run_dir: str | os.PathLike, device: str | torch.device = "cpu"):
     """Rebuild a model from a checkpoint directory alone (no pickle), in eval mode."""
     from safetensors.torch import load_file
 
-    from .engine import resolve_device
-    from .registry import create_model, saved_kwargs
-
     device = resolve_device(str(device))  # an unknown name or a missing GPU: one-line error
     run_dir = Path(run_dir)
     config = read_config(run_dir)
@@ -128,26 +110,3 @@ def load(run_dir: str | os.PathLike, device: str | torch.device = "cpu"):
     model.metadata = dict(config.get("metadata") or {})
     load_state(model, load_file(str(weights)), source=str(weights))
     return model.to(device).eval()
-
-
-def load_state(model, state: dict, source: str) -> None:
-    """``load_state_dict`` with a one-line error naming what does not match."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [k for k in own if k in state and own[k].shape != state[k].shape]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
-        if shapes:
-            k = shapes[0]
-            parts.append(f"{len(shapes)} with other shapes (e.g. {k}: checkpoint "
-                         f"{tuple(state[k].shape)} vs model {tuple(own[k].shape)})")
-        raise CheckpointError(f"checkpoint '{source}' does not match model "
-                              f"'{getattr(model, 'model_name', type(model).__name__)}': "
-                              f"{'; '.join(parts)}; build the model with the checkpoint's "
-                              "config.json (protozoo.load) or pick the right run directory")
-    model.load_state_dict(state)

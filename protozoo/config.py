@@ -3,12 +3,22 @@
 A run is resolved from, in increasing priority: the dataclass defaults, a YAML file
 (``--config``), then command-line flags. The resolved config is saved in the run directory as
 ``train_config.json`` so a run can be resumed or reproduced from it alone.
+
+Why this module is a leaf (it imports only :mod:`protozoo.errors` and :mod:`protozoo.fileio`):
+families declare their schedules as :class:`Phase` data chosen from the run's
+:class:`TrainConfig` (``model.phases(cfg)``), the registry checks constructor arguments with
+:func:`check_type`, and the engine, the evaluation and the command line read the same config.
+Keeping both dataclasses here, below all of them, lets every layer read a run's settings
+without an import cycle; splitting ``Phase`` into a module of its own would still leave the
+families reading ``TrainConfig``.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,15 +88,15 @@ class TrainConfig:
         for key in ("loss_weights", "model_args"):  # YAML 1.1 reads "1e-4" as a string
             if isinstance(values.get(key), dict):
                 values[key] = {k: _yaml_number(v) for k, v in values[key].items()}
-        for f in dataclasses.fields(cls):  # a YAML typo ("epochs: ten") fails here, not mid-run
-            if f.name not in values:
+        for name, hint in typing.get_type_hints(cls).items():  # a YAML typo ("epochs: ten")
+            if name not in values:  # fails here, not mid-run
                 continue
-            if "float" in f.type and isinstance(values[f.name], str):
+            if float in _members(hint) and isinstance(values[name], str):
                 try:  # YAML 1.1 reads "1e-3" (no dot) as a string
-                    values[f.name] = float(values[f.name])
+                    values[name] = float(values[name])
                 except ValueError:
                     pass
-            check_type(values[f.name], f.type, f"'{f.name}' in {source}")
+            check_type(values[name], hint, f"'{name}' in {source}")
         config = cls(**values)
         config.check(source)
         return config
@@ -129,30 +139,53 @@ def _yaml_number(value):
         else value
 
 
-_TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool, "None": type(None),
-          "dict": dict, "list": (list, tuple), "tuple": (list, tuple)}
+def _members(hint) -> tuple:
+    """The types of a union (``int | None`` -> ``(int, NoneType)``), else ``(hint,)``."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return typing.get_args(hint)
+    return (hint,)
 
 
-def _has_type(value, annotation: str) -> bool:
-    """Whether ``value`` fits an annotation such as ``"int | None"`` or ``"dict[str, float]"``
-    (``Any``, and an annotation naming no type known here, accept everything; a bool is not an
-    int here; containers are checked, not their items)."""
-    parts = [part.strip().split("[")[0] for part in annotation.split("|")]
-    if "Any" in parts or not any(name in _TYPES for name in parts):
+def has_type(value, hint) -> bool:
+    """Whether ``value`` fits the type ``hint`` (a real type, as :func:`typing.get_type_hints`
+    returns it): a union if one member fits; a container by its kind, not its items
+    (``dict[str, float]`` takes any dict); an int is a float, a bool is no number, a list is a
+    tuple (JSON has no tuples); ``Any``, and a kind of hint not handled here, take everything."""
+    if hint is typing.Any:
         return True
-    for name in parts:
-        expected = _TYPES.get(name)
-        if expected is not None and isinstance(value, expected) and not (
-                isinstance(value, bool) and name in ("int", "float")):
-            return True
-    return False
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(has_type(value, member) for member in _members(hint))
+    hint = typing.get_origin(hint) or hint
+    if not isinstance(hint, type):
+        return True
+    if isinstance(value, bool) and hint in (int, float):
+        return False
+    accepted = {float: (int, float), list: (list, tuple), tuple: (list, tuple)}.get(hint, hint)
+    return isinstance(value, accepted)
 
 
-def check_type(value, annotation: str, what: str) -> None:
-    """A one-line UserError when ``value`` does not fit ``annotation`` (see :func:`_has_type`)."""
-    if not _has_type(value, annotation):
-        shown = {"bool": "true or false"}.get(annotation, annotation)
-        raise UserError(f"{what} must be {shown}, got {value!r}; fix the value")
+def type_name(hint) -> str:
+    """How an error names a type hint: ``int | None``, ``dict[str, Any]``, ``true or false``."""
+    if hint is bool:
+        return "true or false"
+    return _name(hint)
+
+
+def _name(hint) -> str:
+    if hint is type(None):
+        return "None"
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " | ".join(_name(member) for member in _members(hint))
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is not None and args:
+        return f"{_name(origin)}[{', '.join(_name(a) for a in args)}]"
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def check_type(value, hint, what: str) -> None:
+    """A one-line UserError when ``value`` does not fit the type ``hint`` (see :func:`has_type`)."""
+    if not has_type(value, hint):
+        raise UserError(f"{what} must be {type_name(hint)}, got {value!r}; fix the value")
 
 
 RUN_CONFIG = "train_config.json"

@@ -2,7 +2,9 @@
 
 Every family trains through :class:`Trainer`. A model supplies its phases (``model.phases(cfg)``,
 data from :class:`protozoo.config.Phase`), its loss terms (``model.objective``) and its actions
-(``model.actions()``, e.g. ProtoPNet's push); the loop itself knows nothing about any family.
+(``model.actions()``, e.g. a prototype push between phases); the loop itself knows no family
+and no dataset: it asks the model, and a training set that defines ``groups`` is batched by
+group (:func:`training_sampler`).
 
 Files written in the run directory (by one process only under ``torchrun``):
 ``train_config.json`` (resolved config), ``log.jsonl`` (one record per epoch or action),
@@ -15,129 +17,29 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections import defaultdict
-from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import torch
-import torch.distributed as torch_dist
 import numpy as np
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
 from . import checkpoint
 from .config import Phase, TrainConfig
 from .errors import UserError
 from .fileio import atomic_path, atomic_write_text
+# re-exported: the device and inference helpers lived here before protozoo.runtime
+from .runtime import (DistInfo, all_reduce_sums, autocast_for, iterate,  # noqa: F401
+                      resolve_device, setup_distributed, shard, to_device)
 
 STATE = "train_state.pt"
 LOG = "log.jsonl"
 
-
-# ----------------------------------------------------------------------------- devices, processes
-
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world: int = 1
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world > 1
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device '{name}' requested but no CUDA GPU is available; use --device cpu")
-    return device
-
-
-def setup_distributed(device_name: str = "auto") -> DistInfo:
-    """Join the process group when started by ``torchrun`` (gloo on CPU, nccl on GPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = resolve_device(device_name)
-    if world <= 1:
-        return DistInfo(0, 1, device)
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    if not torch_dist.is_initialized():
-        torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cpu":  # share the cores instead of oversubscribing them
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    return DistInfo(rank, world, device)
-
-
-def autocast_for(device: torch.device, amp: str):
-    """The autocast context for ``--amp``: auto = bf16 (or fp16) on CUDA, off on CPU."""
-    if amp == "off" or (amp == "auto" and device.type != "cuda"):
-        return nullcontext(), None
-    if amp == "auto":
-        amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if amp not in ("bf16", "fp16"):
-        raise UserError(f"unknown --amp '{amp}'; use auto, off, bf16 or fp16")
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype), dtype
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
-            for k, v in batch.items()}
-
-
-# ----------------------------------------------------------------------------- inference helpers
-
-def shard(dataset: Dataset, dist: DistInfo) -> Dataset:
-    """This process's share of ``dataset`` (disjoint, no padding, so sums are exact)."""
-    if not dist.enabled:
-        return dataset
-    return Subset(dataset, list(range(dist.rank, len(dataset), dist.world)))
-
-
-def iterate(model, dataset: Dataset, batch_size: int, device: torch.device,
-            amp: str = "auto", workers: int = 0):
-    """Yield ``(batch, output)`` for ``dataset`` in order, in eval mode without gradients."""
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
-    autocast, _ = autocast_for(device, amp)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for batch in loader:
-                batch = to_device(batch, device)
-                with autocast:
-                    output = model(*model.inputs(batch))
-                yield batch, output
-    finally:
-        model.train(was_training)
-
-
-def all_reduce_sums(sums: dict[str, torch.Tensor], dist: DistInfo) -> dict[str, float]:
-    keys = sorted(sums)
-    if not keys:
-        return {}
-    packed = torch.stack([sums[k].detach().double().reshape(()) for k in keys])
-    if dist.enabled:
-        packed = packed.to(dist.device)
-        torch_dist.all_reduce(packed)
-    return dict(zip(keys, packed.tolist()))
-
+# ----------------------------------------------------------------------------- epoch sums
 
 def _new_sums(dist: DistInfo) -> dict[str, torch.Tensor]:
     return defaultdict(lambda: torch.zeros((), device=dist.device))
@@ -370,7 +272,7 @@ def train_unfrozen(model: torch.nn.Module) -> None:
     """Training mode for what the phase trains, eval mode for what it freezes
     (:func:`frozen_modules`): their BatchNorm statistics stay fixed and their dropout is off.
     Switching gradients off alone would let BatchNorm's running statistics drift in a "frozen"
-    backbone -- after ProtoPNet's push that moves the features under the prototypes, which then
+    backbone -- after a prototype push that moves the features under the prototypes, which then
     no longer *are* their source patches."""
     model.train()
     for module in frozen_modules(model):
@@ -390,7 +292,7 @@ def calibrate_frozen_norms(model, dataset: Dataset, batch_size: int, device: tor
                            amp: str = "auto") -> int:
     """Estimate the statistics of frozen BatchNorm layers that never saw data, once, over
     ``dataset`` in order (the same on every process), then keep them fixed. A backbone trained
-    from scratch is frozen during ProtoPNet's warm-up: in eval mode with its initial statistics
+    from scratch is frozen during a prototype warm-up: in eval mode with its initial statistics
     its features would be unnormalised, and the first phase that trains it (batch statistics)
     would then see other features than the prototypes were fitted to. Returns how many layers
     were calibrated."""
@@ -418,11 +320,12 @@ def calibrate_frozen_norms(model, dataset: Dataset, batch_size: int, device: tor
 
 
 class GroupedSampler(Sampler[int]):
-    """A shuffled order in which the items of a group (a VQA scene's questions) stay together.
+    """A shuffled order in which the items of a group (e.g. the questions about one image) stay
+    together.
 
     Every epoch the groups are shuffled and so are the items inside each group; consecutive
-    items therefore share groups, and a batch of 320 holds about 16 scenes' 20 questions, whose
-    image goes through the CNN once (:meth:`protozoo.models.vqa.VQAModel.inputs`). Under DDP
+    items therefore share groups, so a batch holds a few whole groups (a model can then compute
+    what the items of a group share once per batch, e.g. one CNN pass per image). Under DDP
     the order is cut into ``num_replicas`` equal contiguous parts (the last wraps around, as
     :class:`DistributedSampler` pads), so every rank runs the same number of batches. Seeded by
     ``(seed, epoch)``: a resumed run repeats the order of the epoch it restarts."""
@@ -450,9 +353,10 @@ class GroupedSampler(Sampler[int]):
 
 
 def training_sampler(dataset: Dataset, world: int, rank: int, seed: int) -> Sampler:
-    """:class:`GroupedSampler` over ``dataset.image_indices`` for VQA data (questions grouped by
-    image), else a shuffling :class:`DistributedSampler`."""
-    groups = getattr(dataset, "image_indices", None)
+    """:class:`GroupedSampler` over ``dataset.groups`` when the dataset defines it (one integer
+    per item; items with the same value are batched together, see :mod:`protozoo.data.base`),
+    else a shuffling :class:`DistributedSampler`."""
+    groups = getattr(dataset, "groups", None)
     if groups is not None and len(groups):
         return GroupedSampler(groups, world, rank, seed)
     return DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)

@@ -10,15 +10,15 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from . import checkpoint
 from .config import RUN_CONFIG, TrainConfig, read_config_json
-from .engine import iterate, resolve_device
+from .data.base import pick_examples  # noqa: F401  (re-exported: it lived here before)
 from .errors import UserError
 from .fileio import atomic_write_text
 from .metrics import mean_class_accuracy
+from .runtime import iterate, resolve_device
 
 
 def run_config(run_dir: Path, overrides: dict | None = None) -> TrainConfig:
@@ -42,7 +42,7 @@ def build_eval_data(cfg: TrainConfig, model):
                       mean=model.mean, std=model.std, num_classes=cfg.num_classes, seed=cfg.seed,
                       val_fraction=cfg.val_fraction, augment=False, cache_dir=cfg.cache_dir,
                       num_train=cfg.num_train, num_test=cfg.num_test,
-                      vocab=getattr(model, "vocab", None))  # a VQA model reads its own words
+                      **model.data_args())  # e.g. the words a model encodes questions with
 
 
 def test_metrics(model, dataset, batch_size: int, device, amp: str = "auto") -> dict:
@@ -77,8 +77,7 @@ def evaluate_run(run_dir, model=None, data=None, device="auto", report: bool = T
     cfg = run_config(run_dir, overrides)
     if data is None:
         data = build_eval_data(cfg, model)
-    # a zero-shot head (NIWT) classifies over more classes than its data trains on
-    trained_on = list(getattr(model, "data_class_names", model.class_names))
+    trained_on = list(model.data_class_names)  # a head may classify over more classes
     if len(data.class_names) != len(trained_on):
         raise UserError(f"the model has {len(trained_on)} classes but dataset '{cfg.dataset}' "
                         f"has {len(data.class_names)}; evaluate on the data it was trained on")
@@ -92,27 +91,10 @@ def evaluate_run(run_dir, model=None, data=None, device="auto", report: bool = T
     model.to(device)
     metrics = test_metrics(model, data.test, cfg.batch_size, device, cfg.amp)
     metrics.update(model.dataset_metrics(data, cfg.amp))
-    unknown = data.extras.get("unknown_words", {}).get("test")
-    if unknown is not None:  # test words the model never saw in training, read as <unk>
-        metrics["unknown_test_words"] = int(unknown)
+    metrics.update(data.data_metrics())  # e.g. test words the model never saw, read as <unk>
     atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
     if report:
         from .render.reports import write_report
 
         write_report(model, data, run_dir / "report", metrics, images=images)
     return metrics
-
-
-def pick_examples(labels: list[int], count: int, seed: int = 0) -> list[int]:
-    """``count`` indices spread over the classes (round-robin), seeded."""
-    rng = np.random.default_rng(seed)
-    by_class = defaultdict(list)
-    for i, label in enumerate(labels):
-        by_class[int(label)].append(i)
-    queues = [list(rng.permutation(v)) for _, v in sorted(by_class.items())]
-    picked: list[int] = []
-    while len(picked) < count and any(queues):
-        for q in queues:
-            if q and len(picked) < count:
-                picked.append(int(q.pop(0)))
-    return picked

@@ -16,7 +16,7 @@ import time
 import numpy as np
 import torch
 
-from .engine import iterate
+from .runtime import iterate
 
 
 def predictions(model, dataset, batch_size: int, device, amp: str = "auto") -> np.ndarray:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from .engine import autocast_for, to_device
+from .runtime import autocast_for, to_device
 from .maps import percentile_boxes, upsample
 
 # ProtoPNet's similarity maps are upsampled as the official code does (cv2 INTER_CUBIC)

@@ -4,6 +4,10 @@ Following timm's ``_registry.py``: a registry is a dict plus a decorator, and cr
 only looks its name up and dispatches. Registering a name twice is an error (as in torchvision's
 ``models/_api.py``), and an unknown name raises a :class:`~protozoo.errors.UserError` that lists the
 closest registered names.
+
+Lookup only: this module never imports the families, they import it to register. Importing
+:mod:`protozoo` (which any ``import protozoo.<module>`` does first) imports
+:mod:`protozoo.models`, and with it every family, before any lookup runs.
 """
 from __future__ import annotations
 
@@ -46,6 +50,13 @@ class Registry:
             return fn
 
         return decorator
+
+    def unregister(self, name: str) -> Callable:
+        """Remove ``name`` (e.g. a family a test registered); returns its constructor."""
+        try:
+            return self._entries.pop(name)
+        except KeyError:
+            raise unknown_name_error(self.kind, name, self._entries) from None
 
     def get(self, name: str) -> Callable:
         try:
@@ -93,6 +104,7 @@ def check_model_kwargs(name: str, kwargs: dict) -> None:
     from .config import check_type
 
     params = inspect.signature(MODELS.get(name)).parameters
+    hints = constructor_hints(name)
     open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     for key, value in kwargs.items():
         if key not in params and not open_ended:
@@ -100,9 +112,23 @@ def check_model_kwargs(name: str, kwargs: dict) -> None:
             hint = f"did you mean {', '.join(close)}?" if close else \
                 f"it takes {', '.join(p for p in params if p != 'self')}"
             raise UserError(f"model '{name}' has no argument '{key}': {hint}")
-        annotation = params[key].annotation if key in params else None
-        if isinstance(annotation, str):
-            check_type(value, annotation, f"argument '{key}' of model '{name}'")
+        if key in hints:
+            check_type(value, hints[key], f"argument '{key}' of model '{name}'")
+
+
+def constructor_hints(name: str) -> dict:
+    """The type hints of model ``name``'s constructor arguments, evaluated
+    (:func:`typing.get_type_hints`); empty when an annotation cannot be evaluated here."""
+    import typing
+
+    constructor = MODELS.get(name)
+    try:
+        hints = typing.get_type_hints(constructor.__init__ if isinstance(constructor, type)
+                                      else constructor)
+    except Exception:  # e.g. a name imported for type checkers only: leave the values unchecked
+        return {}
+    hints.pop("return", None)
+    return hints
 
 
 def saved_kwargs(name: str, kwargs: dict) -> dict:
@@ -110,32 +136,24 @@ def saved_kwargs(name: str, kwargs: dict) -> dict:
     trained was built. Before arguments were type-checked, ``--model-arg film=False`` was saved
     as the string "False", which the model read as true; such a value becomes that truth value,
     so an old run loads as the model its weights belong to."""
-    import inspect
-
-    params = inspect.signature(MODELS.get(name)).parameters
-    return {key: bool(value) if isinstance(value, str) and key in params
-            and params[key].annotation == "bool" else value for key, value in kwargs.items()}
+    hints = constructor_hints(name)
+    return {key: bool(value) if isinstance(value, str) and hints.get(key) is bool else value
+            for key, value in kwargs.items()}
 
 
 def model_task(name: str) -> str:
     """What model ``name`` does with its input: ``"classify"`` images or answer questions about
     them (``"vqa"``), from the family's ``ZooModel.task``."""
-    from . import models  # noqa: F401
-
     return getattr(MODELS.get(name), "task", "classify")
 
 
 def models_for_task(task: str) -> list[str]:
-    from . import models  # noqa: F401
-
     return [n for n in MODELS.names() if model_task(n) == task]
 
 
 def _constructor_defaults(name: str) -> dict:
     """Every keyword of model ``name``'s constructor that has a default, with that default."""
     import inspect
-
-    from . import models  # noqa: F401
 
     return {key: param.default
             for key, param in inspect.signature(MODELS.get(name)).parameters.items()
@@ -150,12 +168,8 @@ def model_default(name: str, argument: str):
 
 def model_batch_size(name: str) -> int:
     """The family's default training batch size (``ZooModel.default_batch_size``)."""
-    from . import models  # noqa: F401
-
     return int(getattr(MODELS.get(name), "default_batch_size", 64))
 
 
 def list_models() -> list[str]:
-    from . import models  # noqa: F401  (importing the families registers them)
-
     return MODELS.names()

@@ -33,11 +33,19 @@ import torch.nn.functional as F
 # ----------------------------------------------------------------------------- metrics
 
 def mean_per_class_accuracy(preds, labels) -> float:
-    """Mean over the classes present in ``labels`` of each class's accuracy."""
+    """Mean over the classes present in ``labels`` of each class's accuracy (scikit-learn's
+    balanced accuracy; predictions of classes absent from ``labels``, e.g. unseen classes for
+    seen images, count as errors); NaN without labels."""
+    import warnings
+
+    from sklearn.metrics import balanced_accuracy_score
+
     preds, labels = np.asarray(preds), np.asarray(labels)
     if labels.size == 0:
         return float("nan")
-    return float(np.mean([(preds[labels == k] == k).mean() for k in np.unique(labels)]))
+    with warnings.catch_warnings():  # "y_pred contains classes not in y_true": expected here
+        warnings.simplefilter("ignore", UserWarning)
+        return float(balanced_accuracy_score(labels, preds))
 
 
 def harmonic_mean(a: float, b: float) -> float:

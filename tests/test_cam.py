@@ -109,6 +109,18 @@ def test_percentile_box():
     assert percentile_box(heat, 50) == (0, 5, 10, 10)
 
 
+def test_mask_outline_paints_the_edge_only():
+    from protozoo.render.overlay import mask_outline
+
+    mask = np.zeros((5, 5), bool)
+    mask[1:4, 1:4] = True
+    out = mask_outline(np.zeros((5, 5, 3), np.uint8), mask, (9, 8, 7))
+    painted = (out == (9, 8, 7)).all(-1)
+    ring = mask.copy()
+    ring[2, 2] = False  # the one pixel whose 4 neighbours are all inside
+    assert (painted == ring).all() and (out[~ring] == 0).all()
+
+
 def test_box_iou_by_hand():
     assert box_iou((0, 0, 10, 10), (5, 5, 15, 15)) == pytest.approx(25 / 175)
     assert box_iou((0, 0, 10, 10), (0, 0, 10, 10)) == 1.0

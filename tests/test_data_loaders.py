@@ -356,8 +356,8 @@ def test_cub_bundle_and_errors(tmp_path):
     root = _cub_tree(tmp_path / "CUB_200_2011", with_masks=False)
     bundle = build_data("cub", data_dir=root, image_size=8, val_fraction=0.3)
     assert not bundle.has_masks and bundle.has_boxes
-    assert bundle.extras["class_attributes"].shape == (3, 4)
-    assert len(bundle.extras["attribute_names"]) == 4
+    assert bundle.class_attributes.shape == (3, 4)
+    assert len(bundle.attribute_names) == 4
     (root / "train_test_split.txt").unlink()
     with pytest.raises(DataError, match=r"train_test_split\.txt' not found.*CUB_200_2011"):
         CUBDataset(root, "train", image_size=8)
@@ -379,7 +379,7 @@ def test_synthetic_bundle_reads_back_ground_truth(tmp_path):
         ys, xs = torch.nonzero(item["mask"][0], as_tuple=True)
         x0, y0, x1, y1 = item["box"].tolist()
         assert x0 <= xs.min() and xs.max() < x1 and y0 <= ys.min() and ys.max() < y1
-    assert bundle.extras["meta"]["params"]["num_train"] == 30
+    assert bundle.meta["params"]["num_train"] == 30
 
 
 @pytest.mark.parametrize("name", ["digits", "clevr"])

@@ -295,12 +295,12 @@ def test_sort_of_clevr_bundle(generated):
     train_images = set(bundle.train.paths)
     assert train_images == set(bundle.push.paths) and not train_images & set(bundle.val.paths)
     assert bundle.train._store is bundle.val._store and len(bundle.train._store) == 8
-    vocab = bundle.extras["vocab"]
+    vocab = bundle.vocab
     assert vocab[:2] == ["<pad>", "<unk>"] and "closest" in vocab and "?" in vocab
-    assert bundle.extras["model_kwargs"] == {"vocab": vocab}
-    assert bundle.extras["question_types"] == ["non-relational", "relational"]
-    assert bundle.extras["unknown_words"] == {"train": 0, "test": 0}
-    length = bundle.extras["max_question_length"]
+    assert bundle.model_kwargs == {"vocab": vocab}
+    assert bundle.question_types == ["non-relational", "relational"]
+    assert bundle.unknown_words == {"train": 0, "test": 0}
+    length = bundle.max_question_length
     batch = next(iter(DataLoader(bundle.test, batch_size=20)))
     assert batch["question"].shape == (20, length) and batch["question"].dtype == torch.int64
     assert batch["mask"].shape == (20, 1, S, S) and batch["image"].shape == (20, 3, S, S)
@@ -399,27 +399,27 @@ def test_clevr_loader(tmp_path):
     root = _clevr_tree(tmp_path / "CLEVR_v1.0")
     bundle = build_data("clevr", data_dir=root, image_size=16, val_fraction=0.34)
     assert bundle.class_names == ["3", "red", "yes"] and not bundle.has_masks
-    assert bundle.extras["test_split"] == "val" and len(bundle.test) == 4
+    assert bundle.test_split == "val" and len(bundle.test) == 4
     assert len(bundle.train) + len(bundle.val) == 9
     assert len(set(bundle.val.paths)) == 1 and not set(bundle.val.paths) & set(bundle.train.paths)
     assert len(bundle.train._store) == 3  # three images decoded once for nine questions
     item = bundle.train[0]
     assert "mask" not in item and item["question_type"] == -1 and item["image"].shape == (3, 16, 16)
-    words = Vocabulary(bundle.extras["vocab"])
+    words = Vocabulary(bundle.vocab)
     assert words.decode(item["question"]) == " ".join(tokenize(bundle.train.question_text(0)))
     assert item["path"].endswith(".png") and Path(item["path"]).parent.name == "train"
     # val words unseen in training ("tiny", "gizmo") become <unk>, counted
-    assert bundle.extras["unknown_words"]["test"] > 0
+    assert bundle.unknown_words["test"] > 0
     test_words = [words.decode(bundle.test[i]["question"]) for i in range(len(bundle.test))]
     assert any("<unk>" in w for w in test_words)
     # ... and evaluation reports how many, beside the accuracy they affect
     from protozoo.evaluation import evaluate_run
 
     model = protozoo.create_model("cnn_lstm", class_names=bundle.class_names,
-                                  vocab=bundle.extras["vocab"])
+                                  vocab=bundle.vocab)
     metrics = evaluate_run(tmp_path / "run", model=model, data=bundle, device="cpu",
                            report=False, overrides={"dataset": "clevr"})
-    assert metrics["unknown_test_words"] == bundle.extras["unknown_words"]["test"] > 0
+    assert metrics["unknown_test_words"] == bundle.unknown_words["test"] > 0
     # accuracy by CLEVR's question types, named from each program's last function: the val
     # split asks two count questions ("How many") and two colour comparisons ("Is the ...")
     assert [bundle.test[i]["question_kind"] for i in range(4)] == \

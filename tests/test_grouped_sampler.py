@@ -48,8 +48,8 @@ def test_plain_datasets_keep_the_distributed_sampler():
         def __len__(self):
             return 10
 
-    class VQA(Plain):
-        image_indices = np.arange(10) // 2
+    class Grouped(Plain):
+        groups = np.arange(10) // 2
 
     assert isinstance(training_sampler(Plain(), 1, 0, 0), DistributedSampler)
-    assert isinstance(training_sampler(VQA(), 1, 0, 0), GroupedSampler)
+    assert isinstance(training_sampler(Grouped(), 1, 0, 0), GroupedSampler)

@@ -22,7 +22,8 @@ from protozoo.config import TrainConfig
 from protozoo.data import build_data
 from protozoo.data import synthetic_attributes as sa
 from protozoo.errors import DataError, UserError
-from protozoo.models.niwt import DegenerateLayerWarning, niwt_from_base
+from protozoo.cli import build_model
+from protozoo.models.niwt import DegenerateLayerWarning
 
 ATTRS = ["a0", "a1", "a2"]
 
@@ -105,13 +106,13 @@ def test_unknown_layer_and_missing_base_are_one_line_errors(tmp_path):
     data = build_data("synthetic-attributes", cache_dir=tmp_path, num_train=76, num_test=48,
                       image_size=16)
     with pytest.raises(UserError, match="pass --base RUN_DIR"):
-        niwt_from_base(TrainConfig(model="niwt"), data)
+        build_model(TrainConfig(model="niwt"), data)
     with pytest.raises(UserError, match="is not a trained run"):
-        niwt_from_base(TrainConfig(model="niwt", model_args={"base": str(tmp_path)}), data)
+        build_model(TrainConfig(model="niwt", model_args={"base": str(tmp_path)}), data)
     other = _cam(classes=("x", "y"))
     protozoo.save(other, tmp_path / "other")
     with pytest.raises(UserError, match="trained on 2 other classes"):
-        niwt_from_base(TrainConfig(model="niwt", model_args={"base": str(tmp_path / "other")}),
+        build_model(TrainConfig(model="niwt", model_args={"base": str(tmp_path / "other")}),
                        data)
 
 
@@ -169,6 +170,24 @@ def test_gzsl_metrics_by_hand():
     assert m["gzsl_h"] == pytest.approx(2 * 0.5 * 0.75 / 1.25) and m["zsl_unseen"] == 1.0
 
 
+def test_mean_per_class_accuracy_is_one_computation():
+    """The zero-shot metrics (scikit-learn's balanced accuracy) equal a per-class loop to the
+    bit, also when classes are absent from the labels, predicted only (unseen classes), or absent
+    altogether; evaluation's ``mean_class_accuracy`` (a NaN-mean over all classes) agrees up to
+    the rounding of its sum."""
+    from protozoo.metrics import mean_class_accuracy
+
+    rng = np.random.default_rng(0)
+    cases = [(np.array([0, 1, 1, 3]), np.array([0, 0, 1, 1]))]  # class 3 predicted only
+    cases += [(rng.integers(0, 7, n), rng.choice([0, 2, 3, 5], n)) for n in (1, 5, 40, 333)]
+    for preds, labels in cases:
+        by_hand = np.mean([(preds[labels == k] == k).mean() for k in np.unique(labels)])
+        assert zs.mean_per_class_accuracy(preds, labels) == by_hand
+        assert mean_class_accuracy(preds, labels, 8) == pytest.approx(by_hand, rel=1e-12)
+    assert zs.mean_per_class_accuracy(cases[0][0], cases[0][1]) == 0.5  # (1/2 + 1/2) / 2
+    assert np.isnan(zs.mean_per_class_accuracy([], []))
+
+
 # ----------------------------------------------------------------------------- data
 
 def test_synthetic_attributes_invariants(tmp_path):
@@ -181,7 +200,7 @@ def test_synthetic_attributes_invariants(tmp_path):
             assert any(c[a] == combo[a] and c[b] == combo[b] for c in seen)
     data = build_data("synthetic-attributes", cache_dir=tmp_path, num_train=76, num_test=96,
                       image_size=24)
-    split = data.extras["zero_shot"]
+    split = data.zero_shot
     assert data.class_names == split.seen_classes and len(data.class_names) == 38
     assert split.unseen_classes == [sa.combo_name(c) for c in unseen]
     train_names = {data.class_names[k] for k in data.train.labels + data.val.labels}
@@ -235,7 +254,7 @@ def test_cub_zero_shot_split_from_a_file_of_class_names(tmp_path):
     root = _cub_tree(tmp_path / "CUB_200_2011")
     (root / "testclasses.txt").write_text("002.Beta_Bird\nDelta_Bird\n")  # folder or bare names
     data = build_data("cub-zsl", data_dir=root, image_size=8, val_fraction=0.5)
-    split = data.extras["zero_shot"]
+    split = data.zero_shot
     assert data.class_names == ["Alpha_Bird", "Gamma_Bird"] == split.seen_classes
     assert split.unseen_classes == ["Beta_Bird", "Delta_Bird"]
     assert split.attribute_names == ["has_bill::hooked", "has_wing::blue", "has_size::small"]
@@ -258,7 +277,7 @@ def test_cub_zero_shot_split_from_a_file_of_class_names(tmp_path):
 @pytest.fixture(scope="module")
 def zero_shot_run(tmp_path_factory):
     """A seen classifier trained briefly on 16 px synthetic-attributes (38 seen classes), then
-    NIWT fitted on it through ``niwt_from_base`` as train.py does: (data, model, fit log)."""
+    NIWT fitted on it through ``build_model`` as train.py does: (data, model, fit log)."""
     from protozoo.engine import DistInfo, Trainer
 
     root = tmp_path_factory.mktemp("niwt")
@@ -272,7 +291,7 @@ def zero_shot_run(tmp_path_factory):
     cfg = TrainConfig(model="niwt", dataset="synthetic-attributes", model_args={
         "base": str(root / "seen"), "num_images": 32, "map_steps": 150,
         "lambda_grid": [0.1, 1.0]})
-    model = niwt_from_base(cfg, data)
+    model = build_model(cfg, data)
     log = model.fit(data, "cpu", batch_size=64, seed=0)
     return data, model, log, root
 
@@ -280,7 +299,7 @@ def zero_shot_run(tmp_path_factory):
 def test_end_to_end_zero_shot_beats_chance(zero_shot_run):
     data, model, log, root = zero_shot_run
     assert log["degenerate_layer"] == 0 and log["unseen_cosine"] > 0.8
-    assert model.class_names == data.extras["zero_shot"].class_names  # seen, then unseen
+    assert model.class_names == data.zero_shot.class_names  # seen, then unseen
     from protozoo.evaluation import evaluate_run
 
     metrics = evaluate_run(root / "zs", model=model, data=data,
@@ -298,7 +317,7 @@ def test_end_to_end_zero_shot_beats_chance(zero_shot_run):
 
 def test_explanations_name_attributes_the_class_has(zero_shot_run):
     data, model, _, _ = zero_shot_run
-    split = data.extras["zero_shot"]
+    split = data.zero_shot
     images = torch.stack([split.unseen_test[i]["image"] for i in range(40)])
     expl = model.explain(images, top_k=3)
     assert expl.maps.shape[:2] == (40, 3) and (expl.maps >= 0).all()

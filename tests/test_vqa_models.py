@@ -950,7 +950,7 @@ def test_consistency_of_a_model_blind_to_the_image_is_one(tiny_sort_of_clevr):
     a model whose CNN outputs zeros answers from the question alone, so nothing can change."""
     data = tiny_sort_of_clevr
     model = protozoo.create_model("cnn_lstm", backbone="rn_cnn", class_names=data.class_names,
-                                  **data.extras["model_kwargs"])
+                                  **data.model_kwargs)
     last_bn = [m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)][-1]
     with torch.no_grad():
         last_bn.weight.zero_()
@@ -972,7 +972,7 @@ def test_han_reports_its_reasoning_step_against_all_cells(tiny_sort_of_clevr):
     data = tiny_sort_of_clevr
     torch.manual_seed(0)
     model = protozoo.create_model("han", class_names=data.class_names, g_dim=64, f_dim=32,
-                                  **data.extras["model_kwargs"])
+                                  **data.model_kwargs)
     metrics = model.dataset_metrics(data)
     assert {"consistency", "reasoning_step_ms", "reasoning_step_all_cells_ms"} <= set(metrics)
     assert 0 < metrics["reasoning_step_ms"] < metrics["reasoning_step_all_cells_ms"]
@@ -1015,7 +1015,7 @@ def test_evaluating_with_answers_in_another_order_is_a_user_error(tiny_sort_of_c
 
     data = tiny_sort_of_clevr
     names = list(reversed(data.class_names))
-    model = protozoo.create_model("cnn_lstm", class_names=names, **data.extras["model_kwargs"])
+    model = protozoo.create_model("cnn_lstm", class_names=names, **data.model_kwargs)
     with pytest.raises(UserError) as info:
         evaluate_run(tmp_path / "run", model=model, data=data,
                      overrides={"dataset": "sort-of-clevr"})

@@ -13,13 +13,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from protozoo.data.base import ImageDataset, stratified_split
-from protozoo.data.clevr import VQADataset, clevr_loader, scene_split, sort_of_clevr_loader
+from protozoo.data.clevr import VQADataset, clevr_loader, scene_split
+from protozoo.data.sort_of_clevr import sort_of_clevr_loader
 from protozoo.data.cub import CUBDataset, cub_labels
 from protozoo.data.digits import DigitsDataset, digits_labels
 from protozoo.data.folder import (
@@ -61,7 +63,8 @@ __all__ = [
 
 @dataclass
 class DataBundle:
-    """The splits and facts the engine needs; see the module doc for what each split is."""
+    """The splits and facts the engine needs; see the module doc for what each split is. The
+    optional fields are set by the datasets that have them (None otherwise)."""
 
     train: Dataset  # augmented if augment=True
     val: Dataset  # held out from the training split (never the test split), not augmented
@@ -71,7 +74,23 @@ class DataBundle:
     image_size: int
     has_masks: bool
     has_boxes: bool
-    extras: dict = field(default_factory=dict)
+    root: str | None = None  # the folder read: --data-dir, or the generated copy in the cache
+    meta: dict | None = None  # a generated dataset's meta.json (generator name, parameters)
+    class_attributes: np.ndarray | None = None  # [classes, attributes] per-class values (CUB)
+    attribute_names: list[str] | None = None  # the columns of class_attributes
+    zero_shot: ZeroShotSplit | None = None  # unseen classes, their attributes and test images
+    vocab: list[str] | None = None  # questions: token id -> word, built from the training split
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # model arguments it dictates
+    question_types: list[str] | None = None  # names of the items' question_type values
+    max_question_length: int | None = None  # tokens per question after padding
+    test_split: str | None = None  # the folder's split read as test ("val" for real CLEVR)
+    unknown_words: dict[str, int] | None = None  # per split: question words read as <unk>
+
+    def data_metrics(self) -> dict[str, int]:
+        """Facts about the test data that belong beside the test metrics: ``unknown_test_words``,
+        the test questions' words outside the training vocabulary (read as ``<unk>``)."""
+        unknown = (self.unknown_words or {}).get("test")
+        return {} if unknown is None else {"unknown_test_words": int(unknown)}
 
 
 def denormalize(image, mean=(0.5,) * 3, std=(0.5,) * 3) -> np.ndarray:
@@ -156,8 +175,9 @@ def _subset_indices(labels, count, seed: int):
 
 
 def _bundle(train_full: ImageDataset, test: ImageDataset, *, seed: int, val_fraction: float,
-            augment: bool, extras: dict) -> DataBundle:
-    """Carve validation out of the training split; train/push/val share one pixel store."""
+            augment: bool, facts: dict) -> DataBundle:
+    """Carve validation out of the training split; train/push/val share one pixel store.
+    ``facts``: the loader's values of the optional :class:`DataBundle` fields."""
     if isinstance(train_full, VQADataset):  # by whole image: no image in both train and val
         kept, held = scene_split(train_full, val_fraction, seed)
     else:
@@ -174,7 +194,7 @@ def _bundle(train_full: ImageDataset, test: ImageDataset, *, seed: int, val_frac
         image_size=train_full.image_size,
         has_masks=train_full.has_masks,
         has_boxes=train_full.has_boxes,
-        extras=extras,
+        **facts,
     )
 
 
@@ -228,9 +248,9 @@ def _cub(a: dict):
     _check_classes(a["num_classes"], train.class_names, "cub")
     test = CUBDataset(root, "test", indices=_subset_indices(
         cub_labels(root, "test"), a["num_test"], a["seed"]), **common)
-    extras = {"root": str(root), "class_attributes": train.class_attributes,
-              "attribute_names": train.attribute_names}
-    return train, test, extras
+    facts = {"root": str(root), "class_attributes": train.class_attributes,
+             "attribute_names": train.attribute_names}
+    return train, test, facts
 
 
 _LOADERS = {"synthetic-parts": partial(_generated, ensure_synthetic_parts),
@@ -264,8 +284,8 @@ def build_data(name: str, *, data_dir=None, image_size=None, mean=(0.5,) * 3, st
     args = dict(data_dir=data_dir, image_size=size, mean=mean, std=std, num_classes=num_classes,
                 seed=int(seed), cache_dir=cache_dir, num_train=num_train, num_test=num_test,
                 vocab=vocab)
-    train_full, test, extras = _LOADERS[name](args)
+    train_full, test, facts = _LOADERS[name](args)
     if name == "digits":
         _check_classes(num_classes, train_full.class_names, name)
     return _bundle(train_full, test, seed=int(seed), val_fraction=val_fraction, augment=augment,
-                   extras=extras)
+                   facts=facts)

@@ -14,12 +14,18 @@ Item contract (``__getitem__``)::
     path   str, the source file (or a synthetic id)
     mask   float32 [1, S, S] in {0, 1}      only when ``has_masks``
     box    float32 [4] xyxy, exclusive x1/y1 in resized pixels      only when ``has_boxes``
+
+A training dataset may also define ``groups``: one integer per item; items with the same value
+are shuffled as a block and batched together by the engine's sampler
+(:class:`protozoo.engine.GroupedSampler`), e.g. the questions about one image, whose image then
+runs through the CNN once per batch. Datasets without it are shuffled item by item.
 """
 from __future__ import annotations
 
 import copy
 import os
 import warnings
+from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -162,7 +168,23 @@ def _as_vector(values, name: str) -> torch.Tensor:
     return vec.view(3, 1, 1)
 
 
-class ImageDataset(Dataset):
+class StoreView(Dataset):
+    """A dataset whose items are read from an :class:`ImageStore` (``self._store``) and labelled
+    by ``self.class_names``: what every such view shares."""
+
+    _store: ImageStore
+    class_names: list[str]
+
+    @property
+    def image_size(self) -> int:
+        return self._store.image_size
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+class ImageDataset(StoreView):
     """A view (subset, augmentation on/off) over an :class:`ImageStore`; see the module doc."""
 
     def __init__(self, store: ImageStore, class_names, *, mean=(0.5,) * 3, std=(0.5,) * 3,
@@ -197,14 +219,6 @@ class ImageDataset(Dataset):
     @property
     def has_boxes(self) -> bool:
         return self._store.has_boxes
-
-    @property
-    def image_size(self) -> int:
-        return self._store.image_size
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
 
     def __len__(self) -> int:
         return int(self._positions.size)
@@ -268,3 +282,18 @@ def stratified_split(labels, fraction: float, seed: int) -> tuple[np.ndarray, np
     held_idx = np.sort(np.concatenate(held)) if held else np.zeros(0, dtype=np.int64)
     kept_idx = np.setdiff1d(np.arange(labels.size), held_idx)
     return kept_idx, held_idx
+
+
+def pick_examples(labels, count: int, seed: int = 0) -> list[int]:
+    """``count`` indices spread over the classes (round-robin), seeded: the items a report shows."""
+    rng = np.random.default_rng(seed)
+    by_class = defaultdict(list)
+    for i, label in enumerate(labels):
+        by_class[int(label)].append(i)
+    queues = [list(rng.permutation(v)) for _, v in sorted(by_class.items())]
+    picked: list[int] = []
+    while len(picked) < count and any(queues):
+        for q in queues:
+            if q and len(picked) < count:
+                picked.append(int(q.pop(0)))
+    return picked

@@ -30,9 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
 
-from protozoo.data.base import ImageStore, _as_vector, parallel_map
+from protozoo.data.base import ImageStore, StoreView, _as_vector, parallel_map
 from protozoo.data.text import Vocabulary
 from protozoo.errors import DataError
 
@@ -185,7 +184,7 @@ def _mask_lookup(relevant: list, owners: np.ndarray) -> np.ndarray:
     return lut
 
 
-class VQADataset(Dataset):
+class VQADataset(StoreView):
     """Questions over images: an :class:`ImageStore` of the images plus a :class:`QuestionTable`.
 
     Item: ``image`` float32 [3, S, S] normalised, ``label`` (answer index into
@@ -235,6 +234,12 @@ class VQADataset(Dataset):
         return self._table.image[self._positions].copy()
 
     @property
+    def groups(self) -> np.ndarray:
+        """The training sampler's groups (:mod:`protozoo.data.base`): the questions about one
+        image are batched together, so the image runs through the CNN once per batch."""
+        return self.image_indices
+
+    @property
     def question_texts(self) -> list[str]:
         return [self._table.texts[q] for q in self._positions]
 
@@ -249,14 +254,6 @@ class VQADataset(Dataset):
     @property
     def has_boxes(self) -> bool:
         return False
-
-    @property
-    def image_size(self) -> int:
-        return self._store.image_size
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
 
     def subset(self, indices, augment: bool | None = None) -> VQADataset:
         """A view of some questions (indices relative to this view); same store and table."""
@@ -421,14 +418,15 @@ def load_split(root, files: SplitFiles, image_size: int, answers, vocab: Vocabul
 
 def load_vqa(root, *, image_size: int, mean=(0.5,) * 3, std=(0.5,) * 3, seed: int = 0,
              num_train=None, num_test=None, vocab=None, answers=None, preload="auto"):
-    """(train, test, extras) for a folder in CLEVR's layout; see the module doc.
+    """(train, test, facts) for a folder in CLEVR's layout, ``facts`` being the values of the
+    optional :class:`~protozoo.data.DataBundle` fields it sets; see the module doc.
 
     ``num_train``/``num_test`` keep a seeded subset of that many *images* with all their
     questions. The answers (``answers`` unless given) are every answer of the training questions
     file, sorted, and the vocabulary is built from all its questions, so both stay the same
     whatever subset is kept; pass ``vocab`` (a word list, e.g. a loaded model's) to encode with
     it instead. Test questions map unknown words to ``<unk>``, counted in
-    ``extras["unknown_words"]``.
+    ``unknown_words``.
     """
     root = Path(root)
     read = read_questions(root, "train")
@@ -448,42 +446,21 @@ def load_vqa(root, *, image_size: int, mean=(0.5,) * 3, std=(0.5,) * 3, seed: in
     for ds in (train, test):  # one padded length for the whole bundle
         pad = length - ds._table.tokens.shape[1]
         ds._table.tokens = np.pad(ds._table.tokens, ((0, 0), (0, pad)))
-    extras = {"root": str(root), "vocab": vocab.to_json(),
+    facts = {"root": str(root), "vocab": vocab.to_json(),
               "model_kwargs": {"vocab": vocab.to_json()}, "question_types": list(QUESTION_TYPES),
               "max_question_length": length, "test_split": test_files.split,
               "unknown_words": {"train": unknown_train, "test": unknown_test}}
-    return train, test, extras
+    return train, test, facts
 
 
-# -- build_data's loaders ---------------------------------------------------------------------
-SORT_OF_CLEVR_DEFAULTS = {"num_train": 4000, "num_test": 500}  # scenes, 20 questions each
-# As for synthetic-parts: the scenes do not follow the run seed, so every run is scored on the
-# same test set and a seed sweep does not regenerate the data.
-SORT_OF_CLEVR_DATA_SEED = 0
+# -- build_data's loader (Sort-of-CLEVR's, which generates then reads, is in sort_of_clevr) -----
 CLEVR_HINT = "--data-dir must be the extracted CLEVR_v1.0 folder (images/, questions/)"
 
 
-def _check_answers(num_classes, answers, name: str) -> None:
+def check_answers(num_classes, answers, name: str) -> None:
     if num_classes is not None and int(num_classes) != len(answers):
         raise DataError(f"num_classes={num_classes} but dataset '{name}' has {len(answers)} "
                         "answers: leave num_classes unset")
-
-
-def sort_of_clevr_loader(a: dict):
-    """``build_data``'s loader: generates (once, cached) and reads Sort-of-CLEVR.
-    ``num_train``/``num_test`` are numbers of scenes (defaults 4000/500)."""
-    from protozoo.data import sort_of_clevr as soc
-
-    _check_answers(a.get("num_classes"), soc.ANSWERS, "sort-of-clevr")
-    root = soc.ensure_sort_of_clevr(
-        a["cache_dir"] if a.get("cache_dir") is not None else soc.default_cache_dir(),
-        image_size=a["image_size"], seed=SORT_OF_CLEVR_DATA_SEED,
-        **{key: a[key] if a.get(key) is not None else SORT_OF_CLEVR_DEFAULTS[key]
-           for key in ("num_train", "num_test")})
-    train, test, extras = load_vqa(root, image_size=a["image_size"], mean=a["mean"],
-                                   std=a["std"], vocab=a.get("vocab"), answers=soc.ANSWERS)
-    extras["meta"] = soc.read_meta(root)
-    return train, test, extras
 
 
 def clevr_loader(a: dict):
@@ -494,8 +471,8 @@ def clevr_loader(a: dict):
     root = Path(a["data_dir"]).expanduser()
     if not root.is_dir():
         raise DataError(f"data folder '{root}' not found: {CLEVR_HINT}")
-    train, test, extras = load_vqa(root, image_size=a["image_size"], mean=a["mean"],
+    train, test, facts = load_vqa(root, image_size=a["image_size"], mean=a["mean"],
                                    std=a["std"], seed=a["seed"], num_train=a.get("num_train"),
                                    num_test=a.get("num_test"), vocab=a.get("vocab"))
-    _check_answers(a.get("num_classes"), train.class_names, "clevr")
-    return train, test, extras
+    check_answers(a.get("num_classes"), train.class_names, "clevr")
+    return train, test, facts

@@ -40,6 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
+from protozoo.data.base import ImageStore
+from protozoo.data.clevr import VQADataset, check_answers, load_vqa, make_table
 from protozoo.data.generated import (  # noqa: F401  (read_meta: this module's API)
     default_cache_dir, ensure_generated, read_meta, save_png,
 )
@@ -543,9 +545,6 @@ def perturbed_dataset(dataset, seed: int = 0, per_question: int = 1, limit: int 
     ``dataset`` each item perturbs), ``perturbation_kinds`` and ``scenes`` (the new
     descriptions), so consistency = share of items whose prediction equals the source's.
     """
-    from protozoo.data.base import ImageStore
-    from protozoo.data.clevr import VQADataset, make_table
-
     rng = np.random.default_rng([seed, 0x5EED])
     picks = np.arange(len(dataset)) if limit is None or limit >= len(dataset) else \
         np.sort(rng.choice(len(dataset), size=int(limit), replace=False))
@@ -581,3 +580,25 @@ def perturbed_dataset(dataset, seed: int = 0, per_question: int = 1, limit: int 
     out.perturbation_kinds = kinds_out
     out.scenes = scenes
     return out
+
+
+# -- build_data's loader ----------------------------------------------------------------------
+SORT_OF_CLEVR_DEFAULTS = {"num_train": 4000, "num_test": 500}  # scenes, 20 questions each
+# As for synthetic-parts: the scenes do not follow the run seed, so every run is scored on the
+# same test set and a seed sweep does not regenerate the data.
+SORT_OF_CLEVR_DATA_SEED = 0
+
+
+def sort_of_clevr_loader(a: dict):
+    """``build_data``'s loader: generates (once, cached) and reads Sort-of-CLEVR.
+    ``num_train``/``num_test`` are numbers of scenes (defaults 4000/500)."""
+    check_answers(a.get("num_classes"), ANSWERS, "sort-of-clevr")
+    root = ensure_sort_of_clevr(
+        a["cache_dir"] if a.get("cache_dir") is not None else default_cache_dir(),
+        image_size=a["image_size"], seed=SORT_OF_CLEVR_DATA_SEED,
+        **{key: a[key] if a.get(key) is not None else SORT_OF_CLEVR_DEFAULTS[key]
+           for key in ("num_train", "num_test")})
+    train, test, facts = load_vqa(root, image_size=a["image_size"], mean=a["mean"],
+                                   std=a["std"], vocab=a.get("vocab"), answers=ANSWERS)
+    facts["meta"] = read_meta(root)
+    return train, test, facts

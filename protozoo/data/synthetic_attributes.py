@@ -322,7 +322,7 @@ def load_synthetic_attributes(root, mean=(0.5,) * 3, std=(0.5,) * 3):
 
 
 def bundle_loader(a: dict):
-    """``build_data``'s loader: (train, test, extras) with ``extras["zero_shot"]``.
+    """``build_data``'s loader: (train, test, the bundle's ``root``, ``meta`` and ``zero_shot``).
 
     ``num_train``/``num_test`` configure the generator (defaults 7600/2400); ``num_classes``, if
     given, must equal the number of seen classes (the grid fixes it)."""

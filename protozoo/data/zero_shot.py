@@ -2,7 +2,7 @@
 
 A zero-shot dataset is an ordinary :class:`~protozoo.data.DataBundle` over its *seen* classes
 (``train``/``val``/``test`` label them 0..S-1, so any zoo classifier trains on it unchanged) plus
-``extras["zero_shot"]``, a :class:`ZeroShotSplit` with what zero-shot methods and the generalised
+``DataBundle.zero_shot``, a :class:`ZeroShotSplit` with what zero-shot methods and the generalised
 zero-shot evaluation need: all class names (seen first, then unseen), the class-attribute matrix
 and the test images of the unseen classes (labelled S..S+U-1, their index in ``class_names``).
 
@@ -190,7 +190,8 @@ def load_cub_zero_shot(root, image_size: int = 224, mean=(0.5,) * 3, std=(0.5,) 
 
 
 def cub_zsl_loader(a: dict):
-    """``build_data``'s loader for ``cub-zsl``: (train, test, extras with "zero_shot")."""
+    """``build_data``'s loader for ``cub-zsl``: (train, test, the bundle's ``root`` and
+    ``zero_shot``)."""
     if a.get("data_dir") is None:
         raise DataError("dataset 'cub-zsl' needs a data folder: --data-dir must be the extracted "
                         f"CUB_200_2011 folder, with {UNSEEN_FILE} in it or beside it")

@@ -1,6 +1,15 @@
-"""Model families, one per file; importing this package registers them all."""
+"""Model families, one per file; importing this package registers them all.
+
+:func:`create_model` and :func:`list_models` (re-exported from :mod:`protozoo.registry`) see
+every family once this package is imported, which ``import protozoo`` does first.
+"""
+from ..registry import create_model, list_models, register_model  # noqa: F401
 from . import cam, hard_attention, protopnet, vqa  # noqa: F401
 from . import niwt  # noqa: F401  (NIWT zero-shot head)
 from .base import LogitsView, ZooModel
 
-__all__ = ["ZooModel", "LogitsView"]
+# ProtoPNet's report writer belongs on its class in models/protopnet.py, which is being rewritten
+# on another branch; it is declared here until that rewrite carries the attribute itself.
+protopnet.ProtoPNet.report_writer = "protozoo.render.evidence:write_evidence_report"
+
+__all__ = ["ZooModel", "LogitsView", "create_model", "list_models", "register_model"]

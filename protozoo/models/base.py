@@ -4,6 +4,15 @@ A family overrides only what differs from a plain image classifier: its ``forwar
 dataclass from :mod:`protozoo.outputs`), ``objective`` (its loss terms), ``param_groups`` and
 ``phases`` (its training schedule as data), and optionally ``actions`` (steps like ProtoPNet's push
 that run between phases) and ``inputs`` (VQA models also take a question).
+
+Its policies are declared here too, so generic code asks the model instead of testing its name:
+``report_writer`` (the report :func:`protozoo.render.reports.write_report` draws),
+``data_class_names`` (the classes its data is checked against), ``data_args`` (what it dictates
+to the data it is evaluated on), ``from_config`` (how ``train.py`` builds it) and ``base_run`` /
+``inherited_config`` (for a family that extends a trained run, ``train.py --base RUN``).
+
+Adding a family: a module with a subclass registered by
+:func:`protozoo.registry.register_model`, imported in :mod:`protozoo.models`.
 """
 from __future__ import annotations
 
@@ -16,6 +25,7 @@ from .. import losses
 from ..backbones import Backbone, create_backbone
 from ..config import Phase, TrainConfig
 from ..errors import UserError
+from ..registry import create_model
 
 
 class ZooModel(nn.Module):
@@ -28,6 +38,13 @@ class ZooModel(nn.Module):
     task: str = "classify"  # or "vqa": which datasets it trains on (train.py checks the pair)
     loss_terms: tuple[str, ...] = ()  # the weights ``objective`` takes (--loss-weight TERM=W)
     schedules: tuple[str, ...] = ("auto",)  # the --schedule names ``phases`` knows
+    # The family's report, as "module:function" (a function like
+    # protozoo.render.cam_report.write_cam_report); None: the page of metrics alone. A name, not
+    # the function, because the renderers import the families' algorithms, not the other way.
+    report_writer: str | None = None
+    # What a run this family extends must be (train.py --base RUN; said in the error when it is
+    # missing); None: the family trains from scratch and --base is an error.
+    base_run: str | None = None
 
     def _init_backbone(self, backbone: str, pretrained, stage: int,
                        num_classes: int | None, class_names: list[str] | None) -> Backbone:
@@ -50,6 +67,17 @@ class ZooModel(nn.Module):
         return {**self.init_kwargs, "class_names": self.class_names}
 
     @property
+    def data_class_names(self) -> list[str]:
+        """The classes of the data it trains on, which evaluation checks the data against (a head
+        that adds classes known only by description classifies over more)."""
+        return self.class_names
+
+    def data_args(self) -> dict:
+        """Arguments of :func:`protozoo.data.build_data` this model dictates when the data is
+        rebuilt for it (e.g. the vocabulary it encodes questions with)."""
+        return {}
+
+    @property
     def mean(self) -> tuple[float, ...]:
         return self.backbone.mean
 
@@ -60,6 +88,31 @@ class ZooModel(nn.Module):
     @property
     def stride(self) -> int:
         return self.backbone.stride
+
+    # ---------------------------------------------------------------- how train.py builds it
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, data, base: ZooModel | None = None) -> ZooModel:
+        """The model a run trains: ``cfg.model`` with the constructor arguments the data dictates
+        (``data.model_kwargs``, e.g. a vocabulary), then the run's backbone, weights, stage and
+        ``--model-arg`` values (names and types checked by :func:`protozoo.registry.create_model`).
+        ``base`` is the model of the run given by ``--base``, for families with a ``base_run``."""
+        kwargs = dict(backbone=cfg.backbone, class_names=data.class_names,
+                      **{**data.model_kwargs, **cfg.model_args})
+        if cfg.pretrained:
+            kwargs["pretrained"] = cfg.pretrained
+        if cfg.stage != -1:
+            kwargs["stage"] = cfg.stage
+        try:
+            return create_model(cfg.model, **kwargs)
+        except ValueError as exc:  # a --model-arg value the constructor rejects
+            raise UserError(f"model '{cfg.model}': {exc}; fix the --model-arg value") from None
+
+    @classmethod
+    def inherited_config(cls, run_config: dict, checkpoint_config: dict) -> dict:
+        """The run settings a family with a ``base_run`` takes from that run unless the command
+        line gives them: from its ``train_config.json`` (``run_config``; empty for a bare
+        checkpoint) and its checkpoint's ``config.json`` (``checkpoint_config``)."""
+        return {}
 
     # ---------------------------------------------------------------- what the engine calls
     def inputs(self, batch: dict) -> tuple:

@@ -23,6 +23,8 @@ from .base import ZooModel
 
 @register_model("cam")
 class CAMNet(ZooModel):
+    report_writer = "protozoo.render.cam_report:write_cam_report"
+
     def __init__(self, backbone: str = "tiny_cnn", num_classes: int | None = None,
                  pretrained=False, stage: int = -1, extra_conv: int = 0,
                  class_names: list[str] | None = None):

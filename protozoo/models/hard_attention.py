@@ -93,7 +93,7 @@ class CellReasoner(VQAModel):
         step), and their ratio ``reasoning_speedup``."""
         from torch.utils.data import DataLoader
 
-        from ..engine import to_device
+        from ..runtime import to_device
 
         out = super().dataset_metrics(data, amp)
         device = next(self.parameters()).device
@@ -162,6 +162,7 @@ class HAN(CellReasoner):
     # accuracy non-relational 0.983-0.995, relational 0.818 / 0.769 / 0.786 / 0.755 in four runs
     # (README)
     builtin_epochs = 45
+    keeps_cells = True  # the report outlines the kept cells and dims the others
 
     def __init__(self, backbone: str = "rn_cnn_rgb", num_classes: int | None = None,
                  pretrained=False, stage: int = -1, class_names: list[str] | None = None,

@@ -51,7 +51,6 @@ from __future__ import annotations
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -90,6 +89,13 @@ class Explanation:
 
 @register_model("niwt")
 class NIWT(ZooModel):
+    report_writer = "protozoo.render.niwt_report:write_niwt_report"
+    base_run = ("the --out folder of a train.py run of its seen-class classifier (e.g. --model "
+                "cam --model-arg extra_conv=64 --dataset synthetic-attributes)")
+    # what a run on the base's data needs: its data settings and backbone, unless flags say else
+    INHERITED_KEYS = ("dataset", "data_dir", "cache_dir", "image_size", "num_classes",
+                      "num_train", "num_test", "val_fraction", "backbone")
+
     def __init__(self, base_model: str = "cam", base_kwargs: dict | None = None,
                  unseen_classes: list[str] | None = None,
                  attribute_names: list[str] | None = None, layer: str = "backbone",
@@ -294,6 +300,55 @@ class NIWT(ZooModel):
                 "layer with non-linear layers above it (e.g. layer='backbone' on a CAM base "
                 "trained with --model-arg extra_conv=64)")
 
+    # ---------------------------------------------------------------- building from a run
+    @classmethod
+    def inherited_config(cls, run_config: dict, checkpoint_config: dict) -> dict:
+        """The base run's data settings and backbone, so ``--base RUN`` alone picks the same
+        data; the checkpoint's own backbone decides the input normalisation."""
+        values = {k: run_config[k] for k in cls.INHERITED_KEYS if run_config.get(k) is not None}
+        backbone = checkpoint_config.get("kwargs", {}).get("backbone")
+        if backbone:
+            values["backbone"] = backbone
+        return values
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, data, base: ZooModel | None = None) -> NIWT:
+        """The head on ``base`` (the seen classifier of run ``cfg.model_args["base"]``, with its
+        weights) for the data's unseen classes and attributes, with the other
+        ``cfg.model_args``."""
+        args = dict(cfg.model_args)
+        base_dir = args.pop("base", None)
+        split = getattr(data, "zero_shot", None)
+        if split is None:
+            raise UserError(f"dataset '{cfg.dataset}' has no unseen classes: NIWT needs a "
+                            "zero-shot dataset (synthetic-attributes or cub-zsl)")
+        if base is None:
+            raise UserError(f"model 'niwt' extends a trained run: pass --base RUN_DIR, "
+                            f"{cls.base_run}")
+        if isinstance(base, NIWT):
+            raise UserError(f"--base '{base_dir}' is a NIWT run; pass the run of its seen "
+                            "classifier")
+        if list(base.class_names) != split.seen_classes:
+            raise UserError(f"--base '{base_dir}' was trained on {len(base.class_names)} other "
+                            f"classes (e.g. '{base.class_names[0]}') than the seen classes of "
+                            f"'{cfg.dataset}' ({split.num_seen}, e.g. "
+                            f"'{split.seen_classes[0]}'): train the base on the same --dataset")
+        size = base.metadata.get("image_size")
+        if size is not None and data.image_size != size:
+            raise UserError(f"--base '{base_dir}' was trained on {size} px images but the data is "
+                            f"{data.image_size} px: drop --image-size (it is inherited from the "
+                            "base)")
+        try:
+            model = create_model("niwt", base_model=base.model_name, base_kwargs=base.config(),
+                                 unseen_classes=split.unseen_classes,
+                                 attribute_names=split.attribute_names, **args)
+        except TypeError as exc:
+            raise UserError(f"model 'niwt' does not take these arguments ({exc}); check "
+                            "--model-arg names against its docstring") from None
+        model.base.load_state_dict(base.state_dict())
+        model.metadata["base_run"] = str(base_dir)
+        return model
+
     # ---------------------------------------------------------------- training (an action)
     def phases(self, cfg: TrainConfig) -> list[Phase]:
         """One action, no epochs: NIWT fits its head from importances, it does not run SGD over
@@ -350,7 +405,7 @@ class NIWT(ZooModel):
         in full precision (``amp`` is not used): the fitted heads are compared on fp32 features."""
         from .niwt_fit import zero_shot_metrics
 
-        if "zero_shot" not in getattr(data, "extras", {}):
+        if getattr(data, "zero_shot", None) is None:
             return {}
         self._require_fitted()
         return zero_shot_metrics(self, data)
@@ -364,76 +419,3 @@ def _find_head(base: nn.Module, num_seen: int, name: str) -> str:
         raise UserError(f"base model '{name}' has no linear layer producing its {num_seen} class "
                         "scores; NIWT needs a classifier whose last layer is nn.Linear (e.g. cam)")
     return heads[-1]
-
-
-# ----------------------------------------------------------------------------- building from a run
-
-BASE_DATA_KEYS = ("dataset", "data_dir", "cache_dir", "image_size", "num_classes", "num_train",
-                  "num_test", "val_fraction", "backbone")
-
-
-def _check_base_dir(base_dir) -> Path:
-    if not base_dir:
-        raise UserError("model 'niwt' is a head on a trained classifier: pass --base RUN_DIR, the "
-                        "--out folder of a train.py run on the seen classes (e.g. --model cam "
-                        "--model-arg extra_conv=64 --dataset synthetic-attributes)")
-    path = Path(base_dir)
-    if not (path / "config.json").is_file():
-        raise UserError(f"--base '{base_dir}' is not a trained run (no config.json): pass the "
-                        "--out folder of a finished train.py run")
-    return path
-
-
-def inherited_config(base_dir, model: str | None = "niwt") -> dict:
-    """The data settings and backbone of the base run, so ``--base RUN`` alone picks the same
-    data; flags given on the command line override them."""
-    from ..checkpoint import read_config
-    from ..config import RUN_CONFIG, read_config_json
-
-    if model != "niwt":
-        raise UserError(f"--base RUN_DIR is for --model niwt (a head on a trained run), not "
-                        f"--model {model}")
-    path = _check_base_dir(base_dir)
-    values = {}
-    if (path / RUN_CONFIG).is_file():
-        saved = read_config_json(path / RUN_CONFIG)
-        values = {k: saved[k] for k in BASE_DATA_KEYS if saved.get(k) is not None}
-    backbone = read_config(path).get("kwargs", {}).get("backbone")
-    if backbone:  # the checkpoint's own backbone decides the input normalisation
-        values["backbone"] = backbone
-    return values
-
-
-def niwt_from_base(cfg: TrainConfig, data) -> NIWT:
-    """Build the NIWT head for ``train.py``: the base run's model and weights, the data's unseen
-    classes and attributes, and ``cfg.model_args`` (``base`` = the run directory)."""
-    from .. import checkpoint
-
-    args = dict(cfg.model_args)
-    base_dir = args.pop("base", None)
-    base = checkpoint.load(_check_base_dir(base_dir))
-    split = data.extras.get("zero_shot")
-    if split is None:
-        raise UserError(f"dataset '{cfg.dataset}' has no unseen classes: NIWT needs a zero-shot "
-                        "dataset (synthetic-attributes or cub-zsl)")
-    if base.model_name == "niwt":
-        raise UserError(f"--base '{base_dir}' is a NIWT run; pass the run of its seen classifier")
-    if list(base.class_names) != split.seen_classes:
-        raise UserError(f"--base '{base_dir}' was trained on {len(base.class_names)} other classes "
-                        f"(e.g. '{base.class_names[0]}') than the seen classes of "
-                        f"'{cfg.dataset}' ({split.num_seen}, e.g. '{split.seen_classes[0]}'): "
-                        "train the base on the same --dataset")
-    size = base.metadata.get("image_size")
-    if size is not None and data.image_size != size:
-        raise UserError(f"--base '{base_dir}' was trained on {size} px images but the data is "
-                        f"{data.image_size} px: drop --image-size (it is inherited from the base)")
-    try:
-        model = create_model("niwt", base_model=base.model_name, base_kwargs=base.config(),
-                             unseen_classes=split.unseen_classes,
-                             attribute_names=split.attribute_names, **args)
-    except TypeError as exc:
-        raise UserError(f"model 'niwt' does not take these arguments ({exc}); check --model-arg "
-                        "names against its docstring") from None
-    model.base.load_state_dict(base.state_dict())
-    model.metadata["base_run"] = str(base_dir)
-    return model

@@ -1,7 +1,7 @@
 """NIWT's fitting action and its zero-shot evaluation, wired to data bundles.
 
 :func:`fit_niwt` runs the three steps of :mod:`protozoo.models.niwt` on a bundle with a zero-shot
-split (``extras["zero_shot"]``, :class:`protozoo.data.zero_shot.ZeroShotSplit`);
+split (``DataBundle.zero_shot``, :class:`protozoo.data.zero_shot.ZeroShotSplit`);
 :func:`zero_shot_metrics` scores NIWT and both baselines on the same features in one run.
 """
 from __future__ import annotations
@@ -13,13 +13,13 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Subset
 
 from .. import zeroshot as zs
-from ..engine import iterate
+from ..runtime import iterate
 from ..errors import UserError
 
 
 def zero_shot_split(model, data):
     """The bundle's :class:`ZeroShotSplit`, checked against the model's classes and attributes."""
-    split = getattr(data, "extras", {}).get("zero_shot")
+    split = getattr(data, "zero_shot", None)
     if split is None:
         raise UserError("NIWT needs a zero-shot dataset (synthetic-attributes or cub-zsl): this "
                         "data has no unseen classes")

@@ -62,7 +62,7 @@ class QuestionEncoder(nn.Module):
 def _check_vocab(vocab, family: str) -> list[str]:
     if vocab is None:
         raise UserError(f"VQA model '{family}' needs vocab=[...] (token id -> word): pass the "
-                        "training vocabulary, DataBundle.extras['model_kwargs']['vocab']")
+                        "training vocabulary, DataBundle.vocab")
     from ..data.text import Vocabulary  # validates: "<pad>", "<unk>" first, no duplicates
 
     return Vocabulary(vocab).to_json()
@@ -144,6 +144,8 @@ class VQAModel(ZooModel):
     default_batch_size = 320  # about 16 scenes x their 20 questions, one CNN pass per scene
     task = "vqa"
     explains_images = False  # an answer needs a question: an image alone has nothing to explain
+    report_writer = "protozoo.render.vqa_report:write_vqa_report"
+    keeps_cells = False  # hard attention: its report shows the cells kept, not attention maps
     paper_lr = 2.5e-4
     builtin_lr = 1e-3
     builtin_epochs = 6
@@ -155,6 +157,11 @@ class VQAModel(ZooModel):
         self.vocab = _check_vocab(vocab, type(self).__name__)
         self.question_encoder = QuestionEncoder(len(self.vocab), word_dim, question_dim)
         return bb
+
+    def data_args(self) -> dict:
+        """Questions are encoded with the model's own words (test words it never saw become
+        ``<unk>``), not with a vocabulary rebuilt from the data."""
+        return {"vocab": self.vocab}
 
     # ---------------------------------------------------------------- questions
     def inputs(self, batch: dict) -> tuple:

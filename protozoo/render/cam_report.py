@@ -9,21 +9,13 @@ import torch
 
 from ..maps import threshold_box, upsample
 from .html import esc, img_tag, metrics_table, table, write_page
-from .overlay import draw_box, heatmap_overlay, save_png, upscale
+from .overlay import draw_box, heatmap_overlay, mask_outline, save_png, upscale
 
 GREEN, YELLOW, RED = (0, 200, 0), (255, 230, 0), (230, 0, 0)
 
 
 def _scale(image_size: int) -> int:
     return max(1, 192 // image_size)
-
-
-def _mask_outline(image: np.ndarray, mask: np.ndarray, colour=RED) -> np.ndarray:
-    edge = mask & ~(np.roll(mask, 1, 0) & np.roll(mask, -1, 0) & np.roll(mask, 1, 1)
-                    & np.roll(mask, -1, 1))
-    out = image.copy()
-    out[edge] = colour
-    return out
 
 
 def cam_panels(image: np.ndarray, cams: torch.Tensor, pred: int, label: int | None,
@@ -34,7 +26,7 @@ def cam_panels(image: np.ndarray, cams: torch.Tensor, pred: int, label: int | No
     up = upsample(cams[None].float(), (h, w))[0].cpu().numpy()
     truth = image
     if mask is not None:
-        truth = _mask_outline(truth, mask > 0.5)
+        truth = mask_outline(truth, mask > 0.5, RED)
     if box is not None:
         truth = draw_box(truth, box, GREEN)
     panels = [truth, draw_box(heatmap_overlay(image, up[pred]), threshold_box(up[pred]), YELLOW)]
@@ -52,17 +44,21 @@ def side_by_side(panels: list[np.ndarray], gap: int = 2) -> np.ndarray:
     return np.concatenate(row, axis=1)
 
 
-def write_cam_report(model, data, out_dir: Path, metrics: dict, images=None,
-                     count: int = 24) -> Path:
-    from ..evaluation import pick_examples
+def start_report(model, data, out_dir: Path, count: int):
+    """(the test split, ``count`` of its indices spread over the classes, the model's device) for
+    a report page, with ``out_dir`` created and the model in eval mode."""
+    from ..data.base import pick_examples
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    dataset = data.test
-    picked = pick_examples(dataset.labels, count)
-    device = next(model.parameters()).device
+    model.eval()
+    return data.test, pick_examples(data.test.labels, count), next(model.parameters()).device
+
+
+def write_cam_report(model, data, out_dir: Path, metrics: dict, images=None,
+                     count: int = 24) -> Path:
+    dataset, picked, device = start_report(model, data, out_dir, count)
     rows, grid = [], []
     scale = _scale(data.image_size)
-    model.eval()
     for n, index in enumerate(picked):
         item = dataset[index]
         with torch.no_grad():
@@ -126,9 +122,3 @@ def _user_image_rows(model, paths, out_dir: Path, image_size: int, scale: int) -
     return ("<h2>Your images</h2>" + table(["CAM", "file", "predicted", "true"], rows)) if rows \
         else ""
 
-
-def write_accuracy_report(model, data, out_dir: Path, metrics: dict, images=None) -> Path:
-    """Fallback for families without a report of their own: the metrics page."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_page(out_dir / "index.html", f"Report — {model.model_name}", metrics_table(metrics))
-    return out_dir / "index.html"

@@ -450,7 +450,7 @@ def fast_layout(model):
 
 def _write_pages(model, data, out_dir: Path, metrics: dict, images: list, count: int) -> None:
     from ..data.images import load_image_for_model
-    from ..evaluation import pick_examples
+    from ..data.base import pick_examples
 
     size = data.image_size
     sources = PrototypeSources(model, data, size)

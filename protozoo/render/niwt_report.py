@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from .html import esc, img_tag, table, write_page
-from .overlay import heatmap_overlay, save_png, upscale
+from .overlay import heatmap_overlay, mask_outline, save_png, upscale
 
 METHODS = (("NIWT", ""), ("direct regression", "direct_regression/"), ("DAP", "dap/"))
 COLUMNS = ("zsl_unseen", "gzsl_seen", "gzsl_unseen", "gzsl_h")
@@ -31,17 +31,9 @@ def _other_metrics(metrics: dict) -> str:
     return table(["metric", "value"], rows)
 
 
-def _outline(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    inner = mask & np.roll(mask, 1, 0) & np.roll(mask, -1, 0) & np.roll(mask, 1, 1) \
-        & np.roll(mask, -1, 1)
-    out = image.copy()
-    out[mask & ~inner] = (230, 0, 0)
-    return out
-
-
 def explanation_panel(raw: np.ndarray, maps: torch.Tensor, mask=None) -> np.ndarray:
     """One row: the image (ground-truth object outlined in red), then each neuron's map."""
-    first = _outline(raw, mask > 0.5) if mask is not None else raw
+    first = mask_outline(raw, mask > 0.5) if mask is not None else raw
     panels = [first] + [heatmap_overlay(raw, m.float().numpy()) for m in maps]
     gap = np.full((raw.shape[0], 2, 3), 255, np.uint8)
     row = [panels[0]]
@@ -109,11 +101,11 @@ def _unseen_table(model, top_k: int) -> str:
 
 def write_niwt_report(model, data, out_dir: Path, metrics: dict, images=None, count: int = 12,
                       top_k: int = 3) -> Path:
-    from ..evaluation import pick_examples
+    from ..data.base import pick_examples
 
     out_dir.mkdir(parents=True, exist_ok=True)
     model.eval()
-    split = data.extras.get("zero_shot") if hasattr(data, "extras") else None
+    split = getattr(data, "zero_shot", None)
     scale = max(1, 96 // data.image_size)
     sections = [("unseen", split.unseen_test if split else None, count * 2 // 3),
                 ("seen", data.test, count - count * 2 // 3)]

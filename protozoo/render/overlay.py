@@ -41,6 +41,16 @@ def draw_box(image: np.ndarray, box, colour=(255, 255, 0), width: int = 1) -> np
     return out
 
 
+def mask_outline(image: np.ndarray, mask: np.ndarray, colour=(230, 0, 0)) -> np.ndarray:
+    """Copy of ``image`` with the edge of the boolean ``mask`` [H, W] painted ``colour``: the mask
+    pixels with a 4-neighbour outside it (the image wraps around at its borders)."""
+    inner = mask & np.roll(mask, 1, 0) & np.roll(mask, -1, 0) & np.roll(mask, 1, 1) \
+        & np.roll(mask, -1, 1)
+    out = image.copy()
+    out[mask & ~inner] = colour
+    return out
+
+
 def upscale(image: np.ndarray, factor: int) -> np.ndarray:
     """Nearest-neighbour upscaling so small images (64 px) stay legible in reports."""
     return image.repeat(factor, axis=0).repeat(factor, axis=1) if factor > 1 else image

@@ -1,37 +1,37 @@
-"""Report dispatch: each model family renders its own explanations; this picks the writer."""
+"""Report dispatch: each family names its own report writer (``ZooModel.report_writer``, e.g.
+``"protozoo.render.cam_report:write_cam_report"``); this resolves and runs it. A model that names
+none gets the page of its metrics alone."""
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
+from typing import Callable
+
+from ..errors import UserError
+from .html import metrics_table, write_page
 
 
 def write_report(model, data, out_dir: Path, metrics: dict, images=None) -> Path:
     """Write ``out_dir/index.html`` (+ PNGs) for ``model`` on ``data``'s test split."""
-    from . import cam_report
-
-    writers = {"cam": cam_report.write_cam_report}
-    for name, writer in _family_writers().items():
-        writers.setdefault(name, writer)
-    writer = writers.get(model.model_name, cam_report.write_accuracy_report)
-    return writer(model, data, Path(out_dir), metrics, images=images)
+    return report_writer(model)(model, data, Path(out_dir), metrics, images=images)
 
 
-def _family_writers() -> dict:
-    """Writers of families registered later (ProtoPNet, VQA, NIWT) that may not be importable."""
-    writers = {}
+def report_writer(model) -> Callable:
+    """The function named by ``model.report_writer`` ("module:function"), or
+    :func:`write_accuracy_report` when it names none."""
+    spec = getattr(model, "report_writer", None)
+    if spec is None:
+        return write_accuracy_report
+    module, _, name = str(spec).partition(":")
     try:
-        from .evidence import write_evidence_report
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        raise UserError(f"model '{model.model_name}' names the report writer '{spec}', which "
+                        "cannot be imported: give it as 'package.module:function'") from None
 
-        writers["protopnet"] = write_evidence_report
-    except ImportError:
-        pass
-    from .vqa_report import write_vqa_report
 
-    for family in ("san", "han", "cnn_lstm", "rn"):
-        writers[family] = write_vqa_report
-    try:
-        from .niwt_report import write_niwt_report
-
-        writers["niwt"] = write_niwt_report
-    except ImportError:
-        pass
-    return writers
+def write_accuracy_report(model, data, out_dir: Path, metrics: dict, images=None) -> Path:
+    """The report of a family without one of its own: the metrics page."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_page(out_dir / "index.html", f"Report — {model.model_name}", metrics_table(metrics))
+    return out_dir / "index.html"

@@ -1,7 +1,7 @@
 """VQA report: for test questions, the image, the question, the predicted and true answers, and
-where the model looked -- every attention hop of a soft-attention model (SAN) as a heatmap, or the
-cells a hard-attention model (HAN) kept, outlined on the image, with the objects the answer depends
-on outlined in red when the data has masks."""
+where the model looked -- every attention hop of a soft-attention model as a heatmap, or, for a
+model whose hard attention keeps cells (``model.keeps_cells``), the cells it kept outlined on the
+image, with the objects the answer depends on outlined in red when the data has masks."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cam_report import RED, _mask_outline, _save_grid, side_by_side
+from .cam_report import RED, _save_grid, side_by_side, start_report
 from .html import esc, img_tag, metrics_table, table, write_page
-from .overlay import draw_box, heatmap_overlay, save_png, upscale
+from .overlay import draw_box, heatmap_overlay, mask_outline, save_png, upscale
 
 KEPT = (255, 230, 0)
 
@@ -37,7 +37,7 @@ def vqa_panels(image: np.ndarray, attention: torch.Tensor, kept: torch.Tensor | 
                mask: np.ndarray | None) -> np.ndarray:
     """One row: the image (relevant objects outlined in red), then one panel per attention hop,
     or the kept cells for hard attention. ``attention`` is ``[hops, h, w]``."""
-    truth = _mask_outline(image, mask > 0.5, RED) if mask is not None else image
+    truth = mask_outline(image, mask > 0.5, RED) if mask is not None else image
     if kept is not None:
         panels = [truth, kept_overlay(image, kept.cpu().numpy().astype(bool))]
     else:
@@ -48,15 +48,9 @@ def vqa_panels(image: np.ndarray, attention: torch.Tensor, kept: torch.Tensor | 
 def write_vqa_report(model, data, out_dir: Path, metrics: dict, images=None,
                      count: int = 24) -> Path:
     """``out_dir/index.html`` + one PNG per question and a grid of all of them."""
-    from ..evaluation import pick_examples
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    dataset = data.test
-    picked = pick_examples(dataset.labels, count)
-    device = next(model.parameters()).device
+    dataset, picked, device = start_report(model, data, out_dir, count)
     scale = _scale(data.image_size)
     rows, grid = [], []
-    model.eval()
     for n, index in enumerate(picked):
         item = dataset[index]
         batch = {k: (torch.as_tensor(v)[None].to(device) if isinstance(v, (torch.Tensor, int))
@@ -77,7 +71,7 @@ def write_vqa_report(model, data, out_dir: Path, metrics: dict, images=None,
                      esc(model.class_names[label]), esc(Path(item["path"]).name)])
     _save_grid(out_dir / "attention.png", grid, columns=3)
     what = ("the cells the hard attention kept (bright, yellow outline); the reasoning module never "
-            "saw the dimmed ones" if model.model_name == "han" else
+            "saw the dimmed ones" if getattr(model, "keeps_cells", False) else
             "the attention of every hop, first hop first (a uniform map for models without "
             "attention)")
     body = (metrics_table(metrics)
