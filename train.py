@@ -20,7 +20,7 @@ import torch
 import protozoo
 from protozoo.backbones import backbone_normalization
 from protozoo.cli import base_settings, build_model, extends_runs
-from protozoo.config import RUN_CONFIG, TrainConfig, read_run_config, read_yaml
+from protozoo.config import RUN_CONFIG, TrainConfig, describe_schedule, read_run_config, read_yaml
 from protozoo.data import DATASETS, VQA_DATASETS, build_data, check_data_dir
 from protozoo.engine import Trainer, read_resume_state, setup_distributed
 from protozoo.errors import UserError, run_cli
@@ -36,8 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "(niwt: its seen-class classifier), that run; its data settings are the "
                    "defaults")
     p.add_argument("--model", help=f"one of {', '.join(protozoo.list_models())} (default protopnet)")
-    p.add_argument("--backbone", help="tiny_cnn, tiny_cnn_s4, small_cnn, rn_cnn, rn_cnn_rgb or any timm model "
-                   "(default: the model family's own, e.g. tiny_cnn_s4 for protopnet)")
+    p.add_argument("--backbone", help="tiny_cnn, tiny_cnn_s4, tiny_cnn_rf18, small_cnn, rn_cnn, rn_cnn_rgb or any timm model "
+                   "(default: the model family's own, e.g. tiny_cnn_rf18 for protopnet)")
     p.add_argument("--pretrained", help="'timm' for timm's weights, or a weights file path")
     p.add_argument("--stage", type=int, help="backbone feature stage (default -1, the last)")
     p.add_argument("--dataset", help=f"one of {', '.join(DATASETS)} (default synthetic-parts)")
@@ -252,6 +252,7 @@ def main(argv=None) -> int:
         print(f"training {cfg.model} ({cfg.backbone}) on {cfg.dataset}: {len(data.train)} train / "
               f"{len(data.val)} val / {len(data.test)} test {items}, {len(data.class_names)} "
               f"{classes}, device {dist.device}, run {run_dir}", flush=True)
+        print(f"schedule ({cfg.schedule}):\n{describe_schedule(model.phases(cfg))}", flush=True)
 
     Trainer(cfg, model, data, run_dir, dist).fit(resume)
     if dist.enabled:  # leave the group together; rank 0 alone evaluates

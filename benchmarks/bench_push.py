@@ -5,8 +5,8 @@ on the first two batches, reported as medians:
 
 * ``inference``        -- backbone + add-on forward only, ``no_grad``, same DataLoader, batch size and
                           precision as push: the floor any push must pay;
-* ``push``             -- :func:`protozoo.projection.compute_push` (scan + provenance records);
-* ``push (scan only)`` -- :func:`protozoo.projection.scan_nearest`, the vectorised search alone;
+* ``push``             -- :func:`protozoo.models.protopnet.push.compute_push` (scan + provenance records);
+* ``push (scan only)`` -- :func:`protozoo.models.protopnet.push.nearest_images`, the vectorised search alone;
 * ``official-style``   -- a re-implementation of the official ProtoPNet push loop
                           (``push.update_prototypes_on_batch``): per batch, distances by three
                           convolutions, copied to NumPy, then a Python loop over prototypes that
@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import header, protozoo, sync, three_conv_distances  # noqa: E402
 from protozoo.runtime import autocast_for, resolve_device, to_device
-from protozoo.projection import compute_push, scan_nearest
+from protozoo.models.protopnet.push import compute_push, nearest_images
 
 TARGET = 1.5
 
@@ -165,8 +165,9 @@ def timed(fn, device: torch.device):
 
 
 def check_agreement(ours, official) -> None:
-    """compute_push and the official-style loop must pick the same patches (results of the last
-    timed repetition of each)."""
+    """compute_push and the official-style loop should pick the same patches (results of the last
+    timed repetition of each); they differ where the official loop gives two prototypes of a
+    class the same source image, which compute_push does not allow."""
     dist, image, cell, update = official
     same_image = (ours.image_index.cpu().numpy() == image).mean()
     same_patch = ((ours.image_index.cpu().numpy() == image)
@@ -236,8 +237,8 @@ def main(argv=None) -> None:
     passes = {
         "inference": lambda: inference_pass(model, dataset, args.batch_size, device, amp),
         "push": lambda: compute_push(model, dataset, args.batch_size, device, amp),
-        "push (scan only)": lambda: scan_nearest(model, dataset, args.batch_size, device, True,
-                                                 amp),
+        "push (scan only)": lambda: nearest_images(model, dataset, args.prototypes_per_class,
+                                                   args.batch_size, device, True, amp),
     }
     if not args.no_official:
         passes["official-style"] = lambda: official_style_push(model, dataset, args.batch_size,

@@ -44,10 +44,28 @@ class Phase:
     schedule: str = "constant"  # "constant" or "cosine" (over the phase's epochs)
 
 
+def describe_schedule(phases: list[Phase]) -> str:
+    """The schedule in full, one phase a line: epochs, learning rate per parameter group (the
+    others frozen), loss weights; or the action."""
+    lines = []
+    for n, phase in enumerate(phases, 1):
+        if phase.action:
+            lines.append(f"  {n}. {phase.name}: action '{phase.action}'")
+            continue
+        lrs = ", ".join(f"{group} {lr:.3g}" for group, lr in phase.lrs.items())
+        extra = [f"{phase.schedule} lr"]
+        if phase.weight_decay:
+            extra.append(f"weight decay {phase.weight_decay:g}")
+        if phase.loss_weights:
+            extra.append("loss " + ", ".join(f"{k} {v:g}" for k, v in phase.loss_weights.items()))
+        lines.append(f"  {n}. {phase.name}: {phase.epochs} epochs, lr {lrs}; {'; '.join(extra)}")
+    return "\n".join(lines)
+
+
 @dataclass
 class TrainConfig:
     model: str = "protopnet"
-    backbone: str | None = None  # None: the model family's default (ProtoPNet tiny_cnn_s4, ...)
+    backbone: str | None = None  # None: the model family's default (ProtoPNet tiny_cnn_rf18, ...)
     pretrained: Any = False  # False, True (timm weights) or a path to a weights file
     stage: int = -1
     model_args: dict[str, Any] = field(default_factory=dict)

@@ -48,6 +48,13 @@ def test_tiny_cnn_s4_receptive_field_by_hand():
                                                               rf_offset=-11)
 
 
+def test_tiny_cnn_rf18_receptive_field_by_hand():
+    # conv3 -> pool2 -> conv3 -> pool2 -> conv3 -> conv1: RF 3 -> 4 -> 8 -> 10 -> 18 -> 18;
+    # offset -1 -> -1 -> -3 -> -3 -> -7 -> -7; stride 4.
+    assert create_backbone("tiny_cnn_rf18").geometry == Geometry(stride=4, receptive_field=18,
+                                                                rf_offset=-7)
+
+
 def test_hand_made_sequential_receptive_field():
     # conv5 pad2: RF 5, offset -2; maxpool2: RF 6, jump 2; conv3 pad1: RF 6+2*2=10, offset -2-2=-4
     body = nn.Sequential(nn.Conv2d(3, 4, 5, padding=2), nn.MaxPool2d(2),

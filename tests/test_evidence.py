@@ -18,7 +18,7 @@ import protozoo
 from protozoo.backbones import backbone_normalization
 from protozoo.data import build_data
 from protozoo.outputs import PrototypeOutput
-from protozoo.projection import apply_push, compute_push
+from protozoo.models.protopnet.push import apply_push, compute_push
 from protozoo.render import evidence_report
 from protozoo.render.evidence import write_evidence_report
 

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 import protozoo
-from protozoo import losses
-from protozoo.pruning import assess_prototypes, class_specificity, expected_own_among_nearest
+from protozoo.models.protopnet.prune import assess_prototypes, class_specificity, expected_own_among_nearest
 
 
 def test_chen_rule_counts_own_class_images_among_the_k_nearest():
@@ -70,11 +69,3 @@ def test_a_class_keeps_its_most_specific_prototype():
         kept = mine[~verdict["prune"][mine]]
         assert len(kept) == 1
         assert float(verdict["specificity"][kept]) == float(verdict["specificity"][mine].max())
-
-
-def test_prototype_cluster_cost_pulls_every_prototype():
-    d = torch.tensor([[1.0, 3.0, 5.0], [2.0, 4.0, 6.0]])
-    own = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
-    assert float(losses.prototype_cluster_cost(d, own)) == pytest.approx((1 + 3 + 6) / 3)
-    assert float(losses.cluster_cost(d, own)) == pytest.approx((1 + 6) / 2)
-    assert float(losses.prototype_cluster_cost(d, torch.zeros_like(own))) == 0.0

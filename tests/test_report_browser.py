@@ -20,7 +20,7 @@ from PIL import Image
 import protozoo
 from protozoo.backbones import backbone_normalization
 from protozoo.data import build_data
-from protozoo.projection import apply_push, compute_push
+from protozoo.models.protopnet.push import apply_push, compute_push
 from protozoo.render.evidence import write_evidence_report
 
 CHROMIUM = shutil.which("chromium")

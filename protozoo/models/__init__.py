@@ -8,8 +8,4 @@ from . import cam, hard_attention, protopnet, vqa  # noqa: F401
 from . import niwt  # noqa: F401  (NIWT zero-shot head)
 from .base import LogitsView, ZooModel
 
-# ProtoPNet's report writer belongs on its class in models/protopnet.py, which is being rewritten
-# on another branch; it is declared here until that rewrite carries the attribute itself.
-protopnet.ProtoPNet.report_writer = "protozoo.render.evidence:write_evidence_report"
-
 __all__ = ["ZooModel", "LogitsView", "create_model", "list_models", "register_model"]

@@ -9,7 +9,7 @@
   training patches (any class), grouped by class.
 
 Boxes are always the high-activation box (95th percentile of the similarity map upsampled
-bicubically to the image, as the official code; :func:`protozoo.projection.high_activation_boxes`),
+bicubically to the image, as the official code; :func:`protozoo.models.protopnet.push.high_activation_boxes`),
 the rule push provenance uses. The metrics score the map itself (its peak, the region around it,
 its mass), not the box.
 
@@ -28,10 +28,10 @@ import torch
 
 from ..errors import DataError, UserError
 from ..maps import percentile_box, upsample
-from ..projection import MAP_UPSAMPLING, high_activation_boxes
-from ..pruning import MIN_SPECIFICITY
+from ..models.protopnet.push import MAP_UPSAMPLING, high_activation_boxes
+from ..models.protopnet.prune import MIN_SPECIFICITY
 from .html import esc, img_tag, metrics_table, table, write_page
-from .overlay import draw_box, heatmap_overlay, save_png, upscale
+from .overlay import draw_box, heatmap_overlay, mask_outline, save_png, upscale
 
 PERCENTILE = 95.0  # high-activation box, as push provenance and evidence_on_part
 TOP_CLASSES = 2
@@ -201,14 +201,6 @@ def _row(panels: list[np.ndarray], gap: int = GAP) -> np.ndarray:
     return np.concatenate(parts, axis=1)
 
 
-def _outline(image: np.ndarray, mask: np.ndarray, colour=RED) -> np.ndarray:
-    inner = mask & np.roll(mask, 1, 0) & np.roll(mask, -1, 0) & np.roll(mask, 1, 1) \
-        & np.roll(mask, -1, 1)
-    out = image.copy()
-    out[mask & ~inner] = colour
-    return out
-
-
 def _source_panels(sources: PrototypeSources, j: int, side: int,
                    target: int = 192) -> list[np.ndarray]:
     """[the prototype's patch, its source image with the box], or placeholders."""
@@ -264,7 +256,7 @@ def write_local_page(model, ev: Evidence, sources: PrototypeSources, out_dir: Pa
                      gallery: bool = False, index: bool = False) -> Path:
     """``out_dir/{stem}.html`` (+ ``img/{stem}_*.png``) explaining one image."""
     (out_dir / IMG).mkdir(parents=True, exist_ok=True)
-    shown = ev.raw if mask is None else _outline(ev.raw, mask > 0.5)
+    shown = ev.raw if mask is None else mask_outline(ev.raw, mask > 0.5)
     save_png(out_dir / IMG / f"{stem}_input.png", _big(shown))
     pred = ev.pred
     verdict = "" if label is None else (
@@ -305,7 +297,7 @@ def nearest_patch_boxes(model, dataset, k: int = NEAREST, batch_size: int = 128)
     """For every prototype its ``k`` nearest training images (one patch each, any class) and the
     high-activation box of the prototype's similarity map on each: ``(distances [P, k],
     image_index [P, k], boxes [P][k])``."""
-    from ..projection import nearest_images
+    from ..models.protopnet.push import nearest_images
 
     device = next(model.parameters()).device
     dist, index, _ = nearest_images(model, dataset, k, batch_size, device)

@@ -23,7 +23,7 @@ Two rules beyond the paper, so that the evidence a prototype stands for is what 
   later phase moves the features under a pushed prototype).
 
 :func:`image_distances` (every prototype against every image, ``P x N`` floats) serves pruning
-and the class-specificity check of :mod:`protozoo.pruning`.
+and the class-specificity check of :mod:`protozoo.models.protopnet.prune`.
 """
 from __future__ import annotations
 
@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from .runtime import autocast_for, to_device
-from .maps import percentile_boxes, upsample
+from ...maps import percentile_boxes, upsample
+from ...runtime import autocast_for, to_device
 
 # ProtoPNet's similarity maps are upsampled as the official code does (cv2 INTER_CUBIC)
 MAP_UPSAMPLING = "bicubic"

@@ -2,7 +2,7 @@
 class-agnostic prototypes.
 
 Two rules, both computed from every prototype's distance to every push image's closest patch
-(:func:`protozoo.projection.image_distances`, what the logits use):
+(:func:`protozoo.models.protopnet.push.image_distances`, what the logits use):
 
 * **Chen et al.'s rule**: a prototype is pruned when fewer than ``tau`` (3) of the ``k`` (6)
   training images nearest to it belong to its class -- it sits on background or on a part shared
@@ -27,7 +27,7 @@ import torch
 from scipy.stats import rankdata
 from torch import nn
 
-from .projection import image_distances
+from .push import image_distances
 
 TIE = 1e-3  # distances within 0.1% of the k-th nearest tie with it
 MIN_SPECIFICITY = 0.75  # own-class images must be nearer than other images in 3 of 4 pairs
