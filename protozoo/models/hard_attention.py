@@ -155,12 +155,7 @@ class CellEmbedding(nn.Module):
 
 @register_model("han")
 class HAN(CellReasoner):
-    # 24-31 s an epoch with two threads (g 128 wide x 3 over 49 pairs, batches of 320; the same
-    # code's speed moves by a quarter from day to day on these machines): 45 epochs (~10,000
-    # steps) train in 18.5-21.5 minutes. Measured with the defaults: validation
-    # accuracy near the answer prior for ~4 epochs, 0.79 after 7, 0.88-0.90 at the end; test
-    # accuracy non-relational 0.983-0.995, relational 0.818 / 0.769 / 0.786 / 0.755 in four runs
-    # (README)
+    # 45 epochs: about 20 minutes on two CPU threads (docs/vqa.md)
     builtin_epochs = 45
     keeps_cells = True  # the report outlines the kept cells and dims the others
 
@@ -173,7 +168,11 @@ class HAN(CellReasoner):
                  g_dim: int = 128, g_layers: int = 3, f_dim: int = 128, dropout: float = 0.5,
                  film: bool = True, distance: bool = True, glimpse: float = 1.0,
                  pair_pool: str = "sum", objectness: float = 0.0, describe_steps: int = 0):
-        """
+        """Hard attention (Malinowski et al., ECCV 2018): keep the top-k cells by the norm of
+        their question-conditioned embedding, reason over the kept cells only. Every departure
+        from the paper is an argument; why each exists, and what it measured, is in
+        ``docs/vqa.md`` and ``docs/han-relational.md``.
+
         Args:
             embed_dim: channels of the 1x1-conv cell embeddings (whose norm is the presence).
             fusion: how the question enters the embeddings, ``"gate"`` (ours, default) or
@@ -182,87 +181,37 @@ class HAN(CellReasoner):
             adaptive: AdaHAN -- keep the cells whose softmax over presence is >= 1/N instead.
             reasoning: ``"relation"`` (a Relation Network over the kept cells with their (x, y)
                 and the question) or ``"pool"`` (``pool`` over the kept cells, then an MLP).
-            unit_cells: the reasoning module gets each kept embedding's direction ``e / |e|``;
-                its norm is only the presence score (not in the paper, which passes ``e``).
-                Why it exists: trained from scratch, the paper's form lets the reasoning module
-                quiet the object cells -- still noise to it early on -- by shrinking their norms
-                below the constant background's, and the selection then locks onto background
-                (measured on sort-of-clevr: kept cells on objects 67% at init, 35-45% after
-                300-700 steps; with ``unit_cells`` 63-69%). On by default; ``False`` is the
-                paper's form.
-            cell_features: a kept cell reaches the reasoning module as its embedding *and* its
-                backbone features, ``[e; v]`` (ours, on by default; the paper passes ``e``). Why:
-                the CNN learns from scratch only through what the reasoning module reads, and
-                through ``e`` (a ReLU of a 1x1 conv, question-gated, normalised) it did not
-                learn shape at all -- on sort-of-clevr, "what shape is the X object" stayed at
-                the answer prior (0.497) for 6,000 steps while "left"/"top" were learnt from
-                the cells' coordinates; with ``[e; v]`` shape rose from step 4,000 and was 0.89
-                at 6,000 (one CPU thread, constant lr 1e-3; measured).
+            unit_cells: the reasoning module gets each kept embedding's direction ``e / |e|``
+                (ours; the paper passes ``e``), so it cannot quiet object cells by shrinking
+                their norms below the background's, which would turn the selection to
+                background.
+            cell_features: a kept cell reaches the reasoning module as ``[e; v]``, its embedding
+                and its backbone features (ours; the paper passes ``e``): through ``e`` alone a
+                CNN trained from scratch did not learn shape.
             g_dim, g_layers, f_dim, dropout: the Relation Network. Santoro et al.'s is 256, 4,
-                256, 0.5; ours defaults to 128, 3, 128, 0.5, about 3x faster a step, so that
-                45 epochs train in 19-22 CPU minutes (``g_dim=256`` etc. for the paper's). The
-                pooling MLP uses ``f_dim`` and ``dropout`` too.
-            film: the relation module's pair term scaled by the question (ours, on by default;
-                ``False`` is the paper's relation network; see
-                :class:`~protozoo.attention.RelationModule`). With ``fusion="gate"`` and
-                ``unit_cells`` it is what makes ``han`` learn from scratch on sort-of-clevr
-                (measured, 10 epochs: non-relational test accuracy 0.77; without ``film`` and
-                ``unit_cells``, 0.49 after 5 -- chance).
-            distance: ``g`` also gets the distance between the two cells (ours, on by default;
-                see :class:`~protozoo.attention.RelationModule`).
-            glimpse: weight of an auxiliary loss (ours, 1 by default; 0 trains as the paper
-                does): a soft read of *every* cell, weighted by ``softmax(presence)`` (AdaHAN's
-                distribution over the norms), answers the question through a small MLP
-                (:meth:`presence_glimpse`), and its cross-entropy joins the loss. The answer
-                never reads it (it is only in ``VQAOutput.glimpse_logits``): what the reasoning
-                sees is still the kept cells alone. Why: top-k is not differentiable and
-                ``unit_cells`` pass only directions, so without it the presence learns only
-                indirectly (through the conv it shares with the kept directions) and the CNN
-                only from 7 cells; the glimpse gives both a gradient on every cell, as SAN's
-                soft attention does. Measured on sort-of-clevr, 45 epochs: without it, the
-                object a non-relational question asks about was under a kept cell for 66-73%
-                of the questions (answered 0.92-0.96 when it was, 0.65-0.70 when not); test
-                accuracy non-relational 0.843 -> 0.983, relational 0.750 -> 0.818 with it
-                (weight 0.5, with a learnt position within each cell: 0.980 / 0.780).
+                256, 0.5; the default 128, 3, 128, 0.5 is about 3x faster a step. The pooling
+                MLP uses ``f_dim`` and ``dropout`` too.
+            film: the relation module's pair term scaled by the question (ours; ``False`` is
+                the paper's; see :class:`~protozoo.attention.RelationModule`).
+            distance: ``g`` also gets the distance between the two cells (ours).
+            glimpse: weight of an auxiliary loss (ours; 0 trains as the paper does): a soft read
+                of *every* cell, weighted by ``softmax(presence)``, answers the question through
+                a small MLP (:meth:`presence_glimpse`), so the presence and the CNN get a
+                gradient on every cell (top-k is not differentiable). The answer never reads
+                it: the reasoning still sees the kept cells alone.
             pair_pool: how the relation module pools ``g`` over the pairs: ``"sum"`` (the
-                paper's) or ``"sum+max"`` (ours: the sum and the elementwise max, see
-                :class:`~protozoo.attention.RelationModule`). Measured on sort-of-clevr (one CPU
-                thread, 10,125 steps of 320 questions, cosine from 1e-3, first 3,000 test
-                questions): non-relational / relational 0.976 / 0.733 with the sum, 0.995 / 0.782
-                with sum+max (closest 0.683 -> 0.729, count 0.745 -> 0.802, furthest 0.773 ->
-                0.815); but one ``train.py`` run of 45 epochs gave 0.989 / 0.752, inside the
-                default's run-to-run spread (0.769-0.818), so the default stays the paper's.
-            objectness: weight of an auxiliary loss (ours, 0 by default, off): cross-entropy
-                between ``softmax(presence)`` over the cells and a target spread evenly over
-                the cells that hold an object's centre (:func:`object_centre_cells`, from the
-                data's ownership maps: the objects' masks, which sort-of-clevr has), so that
-                the norms mark objects as a pretrained backbone's do in the paper, one cell per
-                object. Measured on sort-of-clevr (``train.py``, 45 epochs, one thread):
-                ``objectness=1`` with the glimpse, non-relational 0.992, relational 0.733
-                (closest 0.679, furthest 0.755, count 0.764) -- inside the default's spread,
-                so it stays off (with ``glimpse=0`` too: 0.975 / 0.550, count never learnt).
-                It does move the selection: the 7 kept cells held every object's centre cell
-                for 0.833 of the first 2,000 test questions (0.968 of the centre cells),
-                against 0.162 (0.728) for the default trained the same way (non-relational
-                0.988, relational 0.775) -- so with the objects in view, the reasoning over
-                cells is what falls short.
-            describe_steps: steps of the ``describe`` action (ours, 0 by default: off; it needs
-                the data's ownership maps, as ``objectness`` does): before the answer's
-                training, the CNN and a small head learn for this many steps of 64 distinct
-                training images to say, on each cell, whether it holds an object's centre and,
-                if so, that object's colour, fill and offset within the cell
-                (:mod:`protozoo.description`) -- the pretrained backbone the paper's hard
-                attention reads, learnt from the masks instead of ImageNet. With
-                ``objectness=1`` it is what lifts the relational questions; see the README's
-                table and ``docs/han-relational.md`` ("A CNN pretrained to describe objects").
-                Measured on sort-of-clevr (``train.py``, 45 epochs, ``--amp bf16``, one thread):
-                ``describe_steps=3000 objectness=1`` non-relational 0.995 / 0.994, relational
-                0.878 / 0.886 (seeds 0 / 1). Fewer steps can leave the answer's training at
-                the prior: with 1,500 it stayed there for 4-5 epochs in two runs (stopped);
-                with 3,000 it left it at once.
-            The paper's HAN is ``fusion="sum", unit_cells=False, cell_features=False,
-            film=False, distance=False, glimpse=0, pair_pool="sum", g_dim=256, g_layers=4,
-            f_dim=256``.
+                paper's) or ``"sum+max"``.
+            objectness: weight of an auxiliary loss (ours, off by default; needs the data's
+                object masks): cross-entropy between ``softmax(presence)`` and a target spread
+                over the cells that hold an object's centre (:func:`object_centre_cells`).
+            describe_steps: steps of the ``describe`` action (ours, off by default; needs the
+                object masks): before the answer's training the CNN learns to describe, on each
+                cell, whether it holds an object's centre and that object's colour, fill and
+                offset (:mod:`protozoo.description`) -- the pretrained backbone the paper reads,
+                learnt from the masks instead of ImageNet.
+
+        The paper's HAN is ``fusion="sum", unit_cells=False, cell_features=False, film=False,
+        distance=False, glimpse=0, pair_pool="sum", g_dim=256, g_layers=4, f_dim=256``.
         """
         super().__init__()
         if reasoning not in ("relation", "pool"):
