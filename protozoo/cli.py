@@ -101,9 +101,9 @@ def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
                    "(niwt: its seen-class classifier), that run; its data settings are the "
                    "defaults")
     p.add_argument("--model", help=f"one of {', '.join(list_models())} (default protopnet)")
-    p.add_argument("--backbone", help="tiny_cnn, tiny_cnn_s4, tiny_cnn_rf18, small_cnn, rn_cnn, "
+    p.add_argument("--backbone", help="tiny_cnn, tiny_cnn_s4, tiny_cnn_rf10, small_cnn, rn_cnn, "
                    "rn_cnn_rgb or any timm model (default: the model family's own, e.g. "
-                   "tiny_cnn_rf18 for protopnet)")
+                   "tiny_cnn_rf10 for protopnet)")
     p.add_argument("--pretrained", help="'timm' for timm's weights, or a weights file path")
     p.add_argument("--stage", type=int, help="backbone feature stage (default -1, the last)")
     p.add_argument("--dataset", help=f"one of {', '.join(list_datasets())} (default "

@@ -57,7 +57,7 @@ def _image_folders(root, model):
 
 def _protopnet():
     torch.manual_seed(0)
-    return protozoo.create_model("protopnet", backbone="tiny_cnn_rf18", num_classes=3,
+    return protozoo.create_model("protopnet", backbone="tiny_cnn_rf10", num_classes=3,
                                  prototypes_per_class=2)
 
 

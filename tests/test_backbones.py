@@ -48,11 +48,11 @@ def test_tiny_cnn_s4_receptive_field_by_hand():
                                                               rf_offset=-11)
 
 
-def test_tiny_cnn_rf18_receptive_field_by_hand():
-    # conv3 -> pool2 -> conv3 -> pool2 -> conv3 -> conv1: RF 3 -> 4 -> 8 -> 10 -> 18 -> 18;
-    # offset -1 -> -1 -> -3 -> -3 -> -7 -> -7; stride 4.
-    assert create_backbone("tiny_cnn_rf18").geometry == Geometry(stride=4, receptive_field=18,
-                                                                rf_offset=-7)
+def test_tiny_cnn_rf10_receptive_field_by_hand():
+    # conv3 -> pool2 -> conv3 -> pool2 -> conv1 -> conv1: RF 3 -> 4 -> 8 -> 10 -> 10 -> 10;
+    # offset -1 -> -1 -> -3 -> -3 -> -3 -> -3; stride 4.
+    assert create_backbone("tiny_cnn_rf10").geometry == Geometry(stride=4, receptive_field=10,
+                                                                rf_offset=-3)
 
 
 def test_hand_made_sequential_receptive_field():

@@ -22,7 +22,7 @@ SIZE = 16
 def _model(family="cam", classes=3):
     torch.manual_seed(0)
     if family == "protopnet":
-        return protozoo.create_model("protopnet", backbone="tiny_cnn_rf18", num_classes=classes,
+        return protozoo.create_model("protopnet", backbone="tiny_cnn_rf10", num_classes=classes,
                                      prototypes_per_class=1)
     return protozoo.create_model("cam", backbone="tiny_cnn", num_classes=classes)
 

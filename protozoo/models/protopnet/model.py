@@ -97,7 +97,7 @@ def nearest_distances(features: torch.Tensor, prototypes: torch.Tensor,
 
 @register_model("protopnet")
 class ProtoPNet(ZooModel):
-    def __init__(self, backbone: str = "tiny_cnn_rf18", num_classes: int | None = None,
+    def __init__(self, backbone: str = "tiny_cnn_rf10", num_classes: int | None = None,
                  pretrained=False, stage: int = -1, prototypes_per_class: int = 10,
                  prototype_dim: int = 128, add_on: str = "regular", similarity: str = "log",
                  prototype_classes: list[int] | None = None,
