@@ -56,6 +56,23 @@ def percentile_box(heatmap: np.ndarray, percentile: float = 95.0) -> tuple[int, 
         0, 0, heatmap.shape[1], heatmap.shape[0])
 
 
+def peak_region_box(heatmap: np.ndarray, percentile: float = 95.0) -> tuple[int, int, int, int]:
+    """The box of the evidence at the map's peak: of the pixels at or above the ``percentile``-th
+    percentile (as :func:`percentile_box`), only the 8-connected component holding the maximum.
+
+    A deliberate departure from Chen et al.'s box, which bounds *every* pixel above the
+    percentile: 5% of the image is far more than a small part, so a sharp map's above-threshold
+    pixels scatter over the image and its box with them (on ``synthetic-birds``, where the head
+    is ~2% of the image, the official box covers ~47% of it). The connected component around the
+    peak is the region the prototype actually matches there. A constant map gives the whole image.
+    """
+    heatmap = np.asarray(heatmap, dtype=np.float64)
+    keep = heatmap >= np.percentile(heatmap, percentile)
+    labels, _ = ndimage.label(keep, structure=np.ones((3, 3), dtype=bool))
+    peak = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
+    return bbox_of(labels == labels[peak]) or (0, 0, heatmap.shape[1], heatmap.shape[0])
+
+
 def box_iou(a, b) -> float:
     """IoU of two ``(x0, y0, x1, y1)`` boxes with exclusive ends."""
     ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))

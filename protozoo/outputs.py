@@ -83,7 +83,10 @@ class PrototypeEvidence:
     contributions: torch.Tensor  # [B, K, P'] similarity x last-layer weight (sums to the logits
     # over all prototypes)
     similarity_maps: torch.Tensor  # [B, P', H, W] upsampled bicubically to the image
-    boxes: torch.Tensor  # [B, P', 4] long xyxy high-activation boxes (percentile of each map)
+    boxes: torch.Tensor  # [B, P', 4] long xyxy evidence boxes: the region around each map's
+    # peak, as the report draws them (protozoo.maps.peak_region_box)
+    high_activation_boxes: torch.Tensor  # [B, P', 4] Chen et al.'s box of every pixel at or
+    # above the map's percentile (protozoo.maps.percentile_boxes)
 
 
 # ----------------------------------------------------------------------------- pytree nodes

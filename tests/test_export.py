@@ -16,7 +16,7 @@ import protozoo
 from protozoo.maps import threshold_box
 from protozoo.models.cam import CAMNet
 from protozoo.models.protopnet import ProtoPNet
-from protozoo.models.protopnet.push import high_activation_boxes
+from protozoo.models.protopnet.push import evidence_boxes, high_activation_boxes
 from protozoo.outputs import CAMOutput, VQAOutput
 
 FAMILIES = ["cam", "protopnet"]
@@ -126,9 +126,14 @@ def test_protopnet_explain_returns_the_evidence_as_tensors():
                                                                                    2, 2]
     torch.testing.assert_close(ev.contributions.sum(-1), out.logits)  # "this looks like that"
     torch.testing.assert_close(ev.similarities, out.similarities)
-    # the boxes are push provenance's high-activation boxes
-    torch.testing.assert_close(ev.boxes[1], high_activation_boxes(out.similarity_maps[1],
-                                                                  (32, 32)))
+    # Chen et al.'s boxes are push provenance's; the evidence boxes are the report's, and each
+    # lies inside its high-activation box (one connected region of the same pixels)
+    torch.testing.assert_close(ev.high_activation_boxes[1],
+                               high_activation_boxes(out.similarity_maps[1], (32, 32)))
+    assert ev.boxes[1].tolist() == [list(b) for b in evidence_boxes(out.similarity_maps[1],
+                                                                     (32, 32))]
+    big = ev.high_activation_boxes
+    assert (ev.boxes[..., :2] >= big[..., :2]).all() and (ev.boxes[..., 2:] <= big[..., 2:]).all()
     assert (ev.boxes[..., 2] > ev.boxes[..., 0]).all() and (ev.boxes <= 32).all()
     some = model.explain(x, prototypes=[4, 1])
     assert some.prototypes.tolist() == [4, 1] and some.similarity_maps.shape == (2, 2, 32, 32)

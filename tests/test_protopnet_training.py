@@ -78,6 +78,10 @@ def test_every_prototype_still_is_its_source_patch_in_the_final_model(run):
     # ... and the highest over the whole push set: nothing matches it better than its patch
     best = model.similarity_of(image_distances(model, data.push).amin(1))
     torch.testing.assert_close(at_cell, best, rtol=0, atol=1e-4)
+    # the report's box on the source: the region around the map's peak, inside Chen et al.'s box
+    for r in records:
+        (x0, y0, x1, y1), (X0, Y0, X1, Y1) = r["evidence_box"], r["high_activation_box"]
+        assert X0 <= x0 < x1 <= X1 and Y0 <= y0 < y1 <= Y1, r
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["prototypes_at_source"] == 1.0 and metrics["prototype_source_drift"] < 1e-4
 

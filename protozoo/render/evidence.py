@@ -8,10 +8,12 @@
 * Global (the model): ``prototypes.html``, every prototype's source patch and its 5 nearest
   training patches (any class), grouped by class.
 
-Boxes are always the high-activation box (95th percentile of the similarity map upsampled
-bicubically to the image, as the official code; :func:`protozoo.models.protopnet.push.high_activation_boxes`),
-the rule push provenance uses. The metrics score the map itself (its peak, the region around it,
-its mass), not the box.
+Boxes are the evidence box (:func:`protozoo.models.protopnet.push.evidence_boxes`): the similarity
+map upsampled bicubically to the image (as the official code), its pixels at or above the 95th
+percentile, and of those the connected region around the peak. Chen et al.'s high-activation box
+bounds *all* of those pixels, which for a part smaller than 5% of the image spreads over
+unrelated regions; it stays in the push provenance (``high_activation_box``). The metrics score
+the map itself (its peak, the region around it, its mass), not the box.
 
 Folder layout (relative links only, no external resources, so it works copied anywhere)::
 
@@ -27,13 +29,14 @@ import numpy as np
 import torch
 
 from ..errors import DataError, UserError
-from ..maps import percentile_box, upsample
-from ..models.protopnet.push import MAP_UPSAMPLING, high_activation_boxes, locate_sources
+from ..maps import peak_region_box, upsample
+from ..models.protopnet.push import (MAP_UPSAMPLING, evidence_boxes, locate_sources,
+                                      source_similarity_maps)
 from ..models.protopnet.prune import MIN_SPECIFICITY
 from .html import esc, img_tag, metrics_table, table, write_page
 from .overlay import draw_box, heatmap_overlay, mask_outline, save_png, upscale
 
-PERCENTILE = 95.0  # high-activation box, as push provenance and evidence_on_part
+PERCENTILE = 95.0  # evidence box threshold, as Chen et al.'s high-activation box
 TOP_CLASSES = 2
 TOP_PROTOTYPES = 5
 NEAREST = 5
@@ -75,8 +78,8 @@ class Evidence:
         return upsample(self.maps[j][None, None], self.raw.shape[:2], MAP_UPSAMPLING)[0, 0].numpy()
 
     def box(self, j: int) -> tuple[int, int, int, int]:
-        """High-activation box of prototype ``j`` on this image."""
-        return percentile_box(self.upsampled(j), PERCENTILE)
+        """Evidence box of prototype ``j`` on this image (the region around its peak)."""
+        return peak_region_box(self.upsampled(j), PERCENTILE)
 
     def ranking(self, k: int) -> list[int]:
         """Prototypes by contribution to class ``k``, largest first."""
@@ -119,6 +122,8 @@ class PrototypeSources:
         self.index = {int(r["prototype"]): n for r, n in zip(records, at)}
         self.size = int(size or model.metadata.get("image_size") or 224)
         self._cache: dict = {}
+        self._model = model
+        self._boxes: dict | None = None
 
     @property
     def projected(self) -> bool:
@@ -135,6 +140,26 @@ class PrototypeSources:
         if key not in self._cache:
             self._cache[key] = self._load(rec)
         return self._cache[key]
+
+    def box(self, j: int) -> tuple[int, int, int, int]:
+        """Prototype ``j``'s evidence box on its source image: recorded at push; for a checkpoint
+        from before evidence boxes were recorded, computed from the model's similarity map on the
+        source image when the push data holds it, else Chen et al.'s recorded box."""
+        rec = self.record(j)
+        if rec.get("evidence_box"):
+            return tuple(rec["evidence_box"])
+        if self._boxes is None:
+            self._boxes = {}
+            order = sorted(self.records)  # the maps are indexed by prototype
+            if order == list(range(len(order))) and order and \
+                    all(self.index.get(p) is not None for p in order):
+                located = [dict(self.records[p], image_index=self.index[p], image_path=None)
+                           for p in order]
+                maps = source_similarity_maps(self._model, self.push, located)
+                side = self.push.raw_image(self.index[0]).shape[:2]
+                self._boxes = dict(zip(order, evidence_boxes(maps.float().cpu(), side,
+                                                             PERCENTILE)))
+        return self._boxes.get(int(j)) or tuple(rec["high_activation_box"])
 
     def _load(self, rec: dict) -> np.ndarray | None:
         path = rec.get("image_path")
@@ -204,7 +229,7 @@ def _source_panels(sources: PrototypeSources, j: int, side: int,
     rec, src = sources.record(j), sources.image(j)
     if rec is None or src is None:
         return [_blank(side), _blank(side)]
-    box = rec["high_activation_box"]
+    box = sources.box(j)
     return [_patch(src, box, side), _big(src, box, target=target)]
 
 
@@ -292,7 +317,7 @@ def _sources_note(model, sources: PrototypeSources) -> str:
 @torch.no_grad()
 def nearest_patch_boxes(model, dataset, k: int = NEAREST, batch_size: int = 128):
     """For every prototype its ``k`` nearest training images (one patch each, any class) and the
-    high-activation box of the prototype's similarity map on each: ``(distances [P, k],
+    evidence box of the prototype's similarity map on each: ``(distances [P, k],
     image_index [P, k], boxes [P][k])``."""
     from ..models.protopnet.push import nearest_images
 
@@ -316,7 +341,7 @@ def nearest_patch_boxes(model, dataset, k: int = NEAREST, batch_size: int = 128)
     if maps is None:  # an empty push set
         return dist, index, [[] for _ in range(P)]
     size = tuple(dataset.raw_image(0).shape[:2])
-    boxes = [tuple(b) for b in high_activation_boxes(maps, size, PERCENTILE).tolist()]
+    boxes = evidence_boxes(maps, size, PERCENTILE)
     return dist, index, [boxes[j * k:(j + 1) * k] for j in range(P)]
 
 
@@ -326,7 +351,7 @@ class Neighbours:
 
     distances: torch.Tensor  # [P, k]
     index: torch.Tensor  # [P, k] into the push set
-    boxes: list  # [P][k] high-activation boxes
+    boxes: list  # [P][k] evidence boxes
     labels: np.ndarray  # class of every push image
     names: list[str]  # file name of every push image
 
@@ -350,7 +375,8 @@ def write_gallery(model, data, out_dir: Path, sources: PrototypeSources, k: int 
             + f"<p>Each prototype: its source training image with the patch boxed and the "
             f"patch itself, then the {k} training patches nearest to it (one per image, any "
             "class; green frame: same class as the prototype, red: another class). Boxes are "
-            "the 95th-percentile high-activation boxes. The projection distance is how far the "
+            "the region around the peak of the similarity map (its connected pixels at or "
+            "above the map's 95th percentile). The projection distance is how far the "
             "prototype moved when it was projected onto its patch; the class specificity is the "
             "probability that an image of its class is nearer to it than an image of another "
             f"class (0.5: it matches every image alike; pruned below {MIN_SPECIFICITY}).</p>"

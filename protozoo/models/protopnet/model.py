@@ -26,7 +26,7 @@ from torch import nn
 from ... import losses
 from ...config import Phase, TrainConfig
 from ...errors import UserError
-from ...maps import percentile_boxes, upsample
+from ...maps import peak_region_box, percentile_boxes, upsample
 from ...metrics import part_share, pointing, region_chance, region_on_part, region_side, \
     relevance_mass
 from ...outputs import PrototypeEvidence, PrototypeOutput
@@ -185,9 +185,10 @@ class ProtoPNet(ZooModel):
         al.'s Fig. 3): for each prototype asked for (``prototypes``, indices; default all),
         its similarity to the closest patch, its contribution to every class (similarity x
         last-layer weight; summed over all prototypes they give the logits), its similarity map
-        upsampled bicubically to the image as the official code does, and its high-activation
-        box (pixels at or above the map's ``percentile``-th percentile), the rule push
-        provenance and the report use. The maps take ``B x P' x H x W`` floats: ask for fewer
+        upsampled bicubically to the image as the official code does, its evidence box (the
+        connected region around the map's peak of the pixels at or above its ``percentile``-th
+        percentile, as the report draws it) and Chen et al.'s high-activation box (all those
+        pixels). The maps take ``B x P' x H x W`` floats: ask for fewer
         prototypes on large models. Runs in eval mode (the model's mode is restored)."""
         was_training = self.training
         self.eval()
@@ -204,13 +205,16 @@ class ProtoPNet(ZooModel):
                             f"{chosen.tolist()}")
         maps = upsample(out.similarity_maps[:, chosen], tuple(x.shape[-2:]), MAP_UPSAMPLING)
         B, P, H, W = maps.shape
-        boxes = percentile_boxes(maps.reshape(B * P, H, W), percentile).reshape(B, P, 4)
+        flat = maps.reshape(B * P, H, W)
+        official = percentile_boxes(flat, percentile).reshape(B, P, 4)
+        regions = [peak_region_box(m, percentile) for m in flat.cpu().numpy()]
+        boxes = torch.tensor(regions, dtype=torch.long, device=device).reshape(B, P, 4)
         return PrototypeEvidence(
             logits=out.logits.float(), prototypes=chosen,
             prototype_class=self.prototype_class[chosen],
             similarities=out.similarities.float()[:, chosen],
             contributions=self.contributions(out)[:, :, chosen], similarity_maps=maps,
-            boxes=boxes)
+            boxes=boxes, high_activation_boxes=official)
 
     # ---------------------------------------------------------------- training
     report_writer = "protozoo.render.evidence:write_evidence_report"

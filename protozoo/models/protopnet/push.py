@@ -36,7 +36,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from ...errors import UserError
-from ...maps import percentile_boxes, upsample
+from ...maps import peak_region_box, percentile_boxes, upsample
 from ...runtime import autocast_for, to_device
 
 # ProtoPNet's similarity maps are upsampled as the official code does (cv2 INTER_CUBIC)
@@ -197,10 +197,21 @@ def high_activation_boxes(maps: torch.Tensor, size: tuple[int, int],
     return percentile_boxes(upsample(maps[:, None], size, MAP_UPSAMPLING)[:, 0], percentile)
 
 
+def evidence_boxes(maps: torch.Tensor, size: tuple[int, int],
+                   percentile: float = 95.0) -> list[tuple[int, int, int, int]]:
+    """The boxes reports draw: :func:`protozoo.maps.peak_region_box` of each similarity map
+    ``[N, h, w]`` upsampled as :func:`high_activation_boxes` does -- the connected region around
+    the peak rather than the box of every pixel above the percentile (the official rule, kept in
+    the provenance as ``high_activation_box``)."""
+    up = upsample(maps[:, None], size, MAP_UPSAMPLING)[:, 0].cpu().numpy()
+    return [peak_region_box(m, percentile) for m in up]
+
+
 def _provenance(model, dataset, image, cell, best, maps, percentile) -> list[dict]:
     size = model.metadata.get("image_size") or _image_size(dataset)
     geometry = model.backbone.geometry
     boxes = high_activation_boxes(maps, (size, size), percentile).tolist()
+    regions = evidence_boxes(maps, (size, size), percentile)
     paths = getattr(dataset, "paths", None)
     records = []
     for j in range(len(best)):
@@ -215,6 +226,7 @@ def _provenance(model, dataset, image, cell, best, maps, percentile) -> list[dic
             "source_similarity": float(maps[j, r, c]),
             "receptive_field_box": list(geometry.cell_box(r, c, size, size)),
             "high_activation_box": boxes[j],
+            "evidence_box": list(regions[j]),
         })
     return records
 
