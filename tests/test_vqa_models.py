@@ -19,7 +19,7 @@ from protozoo.backbones import Geometry, create_backbone
 from protozoo.errors import DataError, UserError
 from protozoo.models.hard_attention import CellEmbedding, time_reasoning
 from protozoo.models.vqa import attention_metrics, cell_coverage
-from protozoo.probes import predictions
+from protozoo.models.probes import predictions
 
 VOCAB = ["<pad>", "<unk>", "bottom", "cell", "colour", "left", "of", "right", "top", "what"]
 ANSWERS = ["blue", "green", "red"]
@@ -586,7 +586,7 @@ def test_han_objectness_targets_once_per_distinct_image():
 def test_object_descriptions_by_hand():
     """Per cell: centre, mean colour, fill of the bounding box and the centre's offset in cells,
     on the cell holding the centre only; two centres in one cell: the larger ownership value."""
-    from protozoo.description import DESCRIPTION_CHANNELS, object_descriptions
+    from protozoo.models.description import DESCRIPTION_CHANNELS, object_descriptions
 
     owner = torch.zeros(1, 75, 75, dtype=torch.uint8)
     image = torch.zeros(1, 3, 75, 75)
@@ -611,7 +611,7 @@ def test_object_descriptions_by_hand():
 
 def test_describe_terms_by_hand():
     """Centre: BCE on every cell; colour, fill and offset only on the centre cells."""
-    from protozoo.description import describe_terms
+    from protozoo.models.description import describe_terms
 
     target = torch.zeros(1, 7, 4)
     target[0, :, 1] = torch.tensor([1.0, 0.5, -1.0, 0.0, 1.0, 0.25, -0.25])
@@ -980,7 +980,7 @@ def test_han_reports_its_reasoning_step_against_all_cells(tiny_sort_of_clevr):
 
 
 def test_no_behavioural_test_without_scenes():
-    from protozoo.probes import can_perturb
+    from protozoo.models.probes import can_perturb
 
     class NoScenes:
         def __len__(self):

@@ -25,7 +25,7 @@ from .. import losses
 from ..attention import (RelationModule, Selection, cell_norms, resolve_k, select_adaptive,
                          select_all, select_top_k)
 from ..config import Phase, TrainConfig
-from ..description import DESCRIPTION_CHANNELS, MASKS_NEEDED, object_centre_cells
+from .description import DESCRIPTION_CHANNELS, MASKS_NEEDED, object_centre_cells
 from ..errors import UserError
 from ..outputs import VQAOutput
 from ..registry import register_model
@@ -207,7 +207,7 @@ class HAN(CellReasoner):
             describe_steps: steps of the ``describe`` action (ours, off by default; needs the
                 object masks): before the answer's training the CNN learns to describe, on each
                 cell, whether it holds an object's centre and that object's colour, fill and
-                offset (:mod:`protozoo.description`) -- the pretrained backbone the paper reads,
+                offset (:mod:`protozoo.models.description`) -- the pretrained backbone the paper reads,
                 learnt from the masks instead of ImageNet.
 
         The paper's HAN is ``fusion="sum", unit_cells=False, cell_features=False, film=False,
@@ -310,7 +310,7 @@ class HAN(CellReasoner):
 
     def phases(self, cfg: TrainConfig) -> list[Phase]:
         """:meth:`VQAModel.phases`, after the ``describe`` action when ``describe_steps`` > 0
-        (:func:`protozoo.description.describe_action`); the describe head stays frozen in the
+        (:func:`protozoo.models.description.describe_action`); the describe head stays frozen in the
         answer's phases."""
         answer = super().phases(cfg)
         if not self.describe_steps:
@@ -320,7 +320,7 @@ class HAN(CellReasoner):
         return [Phase("describe", action="describe"), *answer]
 
     def actions(self) -> dict:
-        from ..description import describe_action
+        from .description import describe_action
 
         return {"describe": describe_action} if self.describe_steps else {}
 
@@ -380,12 +380,12 @@ def time_reasoning(model: CellReasoner, image: torch.Tensor, question: torch.Ten
                    question_length: torch.Tensor, image_index: torch.Tensor | None = None,
                    repeats: int = 10, all_cells: bool = False) -> float:
     """Median seconds of one call of the reasoning step alone (inference, no gradients) on
-    one batch, over ``repeats`` timed calls after warm-up (:func:`protozoo.probes.time_call`).
+    one batch, over ``repeats`` timed calls after warm-up (:func:`protozoo.models.probes.time_call`).
 
     The cells are computed once; only ``model.reason`` is timed. ``all_cells=True`` times the
     same module (same widths, same weights) on every cell of the grid instead of the kept ones:
     the full Relation Network's step, which hard attention is measured against."""
-    from ..probes import time_call
+    from .probes import time_call
 
     if not isinstance(model, CellReasoner):
         raise UserError(f"time_reasoning needs a 'han' or 'rn' model, got {type(model).__name__}")

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Subset
 
-from .. import zeroshot as zs
+from . import zeroshot as zs
 from ..runtime import iterate
 from ..errors import UserError
 
@@ -103,7 +103,7 @@ def select_lambda(model, held_out_map, attributes, jacobians, train, val_data, v
                   batch_size, device, seed) -> tuple[float, float]:
     """(lambda, validation H): each candidate lambda transfers weights to the held-out seen
     classes (from the map fitted without them, initialised, regularised and calibrated by the
-    other seen classes alone), scored by :func:`protozoo.zeroshot.validation_gzsl_h` on
+    other seen classes alone), scored by :func:`protozoo.models.zeroshot.validation_gzsl_h` on
     ``val_data`` (held-out images of all seen classes). ``train`` = (features, labels) of the
     seen training images. A fixed ``reg_lambda`` skips the search."""
     if model.hp["reg_lambda"] is not None:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, RandomSampler, Subset
 
-from .errors import UserError
+from ..errors import UserError
 
 DESCRIBE_BATCH = 64  # distinct images a step
 DESCRIBE_LR = 1e-3  # Adam, cosine decay over the steps
