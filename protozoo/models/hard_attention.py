@@ -208,8 +208,8 @@ class HAN(CellReasoner):
             describe_steps: steps of the ``describe`` phase (ours, off by default; needs the
                 object masks): before the answer's training the CNN learns to describe, on each
                 cell, whether it holds an object's centre and that object's colour, fill and
-                offset (:mod:`protozoo.models.description`) -- the pretrained backbone the paper reads,
-                learnt from the masks instead of ImageNet.
+                offset (:mod:`protozoo.models.description`) -- the pretrained backbone the
+                paper reads, learnt from the masks instead of ImageNet.
 
         The paper's HAN is ``fusion="sum", unit_cells=False, cell_features=False, film=False,
         distance=False, glimpse=0, pair_pool="sum", g_dim=256, g_layers=4, f_dim=256``.
@@ -379,7 +379,8 @@ def time_reasoning(model: CellReasoner, image: torch.Tensor, question: torch.Ten
                    question_length: torch.Tensor, image_index: torch.Tensor | None = None,
                    repeats: int = 10, all_cells: bool = False) -> float:
     """Median seconds of one call of the reasoning step alone (inference, no gradients) on
-    one batch, over ``repeats`` timed calls after warm-up (:func:`protozoo.models.probes.time_call`).
+    one batch, over ``repeats`` timed calls after warm-up
+    (:func:`protozoo.models.probes.time_call`).
 
     The cells are computed once; only ``model.reason`` is timed. ``all_cells=True`` times the
     same module (same widths, same weights) on every cell of the grid instead of the kept ones:

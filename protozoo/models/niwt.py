@@ -3,7 +3,8 @@ Neuron: Incorporating Domain Knowledge through Neuron-Importance", ECCV 2018).
 
 A head on a trained zoo classifier (the *base*) that adds classifiers for unseen classes known
 only by their attributes, in three steps (the action ``niwt``, run by ``train.py --model niwt
---base RUN``; see :mod:`protozoo.models.zeroshot` for the computations and the official code they follow):
+--base RUN``; see :mod:`protozoo.models.zeroshot` for the computations and the official code
+they follow, and :mod:`protozoo.models.niwt_fit` for how each is fitted):
 
 1. **neuron importances** of the seen training images: Grad-CAM's channel weights, the gradient of
    the image's class score (pre-softmax) with respect to the chosen layer's activations, *summed*
@@ -24,10 +25,11 @@ synthetic-attributes, generator seed 1, never on the reported test split):
   code fixes it per dataset in a config file. The cosine loss fixes only the *direction* of a new
   weight vector, so lambda sets its scale against the seen classes -- the operating point of
   generalised zero-shot classification.
-* **unseen biases** are calibrated on seen images (:func:`protozoo.models.zeroshot.calibrated_biases`):
-  the official code's new bias receives no gradient from the importance loss and stays at zero,
-  which leaves the offset ``w . f`` of every new class to chance (dev split: GZSL H 0.11 with the
-  mean seen bias, 0.61 calibrated). ``unseen_bias="zero"`` restores the official behaviour.
+* **unseen biases** are calibrated on seen images
+  (:func:`protozoo.models.zeroshot.calibrated_biases`): the official code's new bias receives no
+  gradient from the importance loss and stays at zero, which leaves the offset ``w . f`` of every
+  new class to chance (dev split: GZSL H 0.11 with the mean seen bias, 0.61 calibrated).
+  ``unseen_bias="zero"`` restores the official behaviour.
 * the attribute map is refitted on all seen classes for the selected number of steps, and the
   unseen-weight optimisation uses full batches of a fixed sample of seen images (see
   :mod:`protozoo.models.zeroshot`).
@@ -352,7 +354,7 @@ class NIWT(ZooModel):
     # ---------------------------------------------------------------- training (an action)
     def phases(self, cfg: TrainConfig) -> list[Phase]:
         """One action, no epochs: NIWT fits its head from importances, it does not run SGD over
-        images."""
+        images (its closed-form and full-batch fits: :mod:`protozoo.models.niwt_fit`)."""
         return [Phase("niwt", action="niwt")]
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
