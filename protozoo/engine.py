@@ -7,9 +7,10 @@ objective first) and its actions (``model.actions()``, e.g. a prototype push bet
 the loop itself knows no family and no dataset: it asks the model, and a training set that
 defines ``groups`` is batched by group (:func:`training_sampler`).
 
-Epoch phases and step phases share one optimiser step (:meth:`Trainer._optimise`: autocast,
-gradient scaling for fp16, a finite-loss check), one DDP wrapping, one checkpoint format and one
-resume. A step task is any object with
+Epoch phases and step phases share one set-up (:meth:`Trainer._optimiser`: Adam over the groups
+the phase trains, the autocast of ``--amp``, a gradient scaler for fp16), one optimiser step
+(:meth:`Trainer._optimise`: a finite-loss check, the scaled backward), one DDP wrapping
+(:meth:`Trainer._parallel`), one checkpoint format and one resume. A step task is any object with
 
 * ``train_set(data)`` -- the dataset its batches are drawn from (with replacement,
   :class:`StepBatches`);
@@ -24,10 +25,10 @@ Not everything a family fits is an SGD phase: a fit with its own closed-form or 
 procedure on precomputed features runs as an action (its family documents where).
 
 Files written in the run directory (by one process only under ``torchrun``):
-``train_config.json`` (resolved config), ``log.jsonl`` (one record per epoch or action),
-``curves.png`` (at most every :data:`CURVES_EVERY_S` seconds, and at the end),
-``model.safetensors`` + ``config.json`` (the model, every epoch) and ``train_state.pt``
-(optimiser, counters and model state in one atomic file, for ``--resume``).
+``train_config.json`` (resolved config), ``log.jsonl`` (one record per epoch, block of steps
+or action), ``curves.png`` (at most every :data:`CURVES_EVERY_S` seconds, and at the end),
+``model.safetensors`` + ``config.json`` (the model, every epoch, block of steps or action) and
+``train_state.pt`` (optimiser, counters and model state in one atomic file, for ``--resume``).
 A run killed mid-epoch resumes from its last completed epoch; the sampler order and augmentation of
 every epoch are seeded from ``(seed, epoch)`` so a resumed run repeats the epochs it lost exactly.
 A step phase checkpoints every ``log_every`` steps and resumes from the last of them the same way:
