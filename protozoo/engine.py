@@ -309,6 +309,9 @@ class Trainer:
     # -- step phases
     def _task(self, phase: Phase):
         tasks = self.model.tasks()
+        if phase.task is None:
+            raise ValueError(f"phase '{phase.name}' has {phase.steps} steps but no task: a step "
+                             "phase trains a task of the model (Phase.task)")
         if phase.task not in tasks:
             raise ValueError(f"model '{self.model.model_name}' has no task '{phase.task}' "
                              f"(phase '{phase.name}')")
