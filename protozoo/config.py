@@ -31,8 +31,20 @@ class Phase:
     """One training phase, as data, so one engine loop serves every family.
 
     ``lrs`` maps the model's parameter groups (``model.param_groups()``) to learning rates; groups
-    not named are frozen. A phase with ``action`` set (``"push"``, ``"prune"``) trains nothing: the
-    engine calls ``model.actions()[action](context)`` once and logs what it returns.
+    not named are frozen. Three kinds, all run by :class:`protozoo.engine.Trainer`:
+
+    * an **epoch phase** (``epochs``): the model's ``objective`` over the training set, shuffled
+      every epoch; a log record and a checkpoint every epoch;
+    * a **step phase** (``steps`` > 0 and ``task``): ``steps`` optimiser steps of ``batch_size``
+      items drawn with replacement from the data of the model's task ``model.tasks()[task]``
+      (e.g. ``han``'s ``describe`` pretraining on distinct images), on that task's loss; the
+      learning-rate ``schedule`` runs over the steps; a log record and a checkpoint every
+      ``log_every`` steps, counted back from the end (so the last record averages the last
+      ``log_every`` steps), the task's validation in the last;
+    * an **action** (``action`` set, e.g. ``"push"``, ``"prune"``): trains nothing; the engine
+      calls ``model.actions()[action](context)`` once and logs what it returns.
+
+    Every phase that trains gets the same mixed precision, DDP, checkpoints and resume.
     """
 
     name: str
@@ -41,7 +53,11 @@ class Phase:
     loss_weights: dict[str, float] = field(default_factory=dict)
     action: str | None = None
     weight_decay: float = 0.0
-    schedule: str = "constant"  # "constant" or "cosine" (over the phase's epochs)
+    schedule: str = "constant"  # "constant", "cosine" or "step:SIZE:GAMMA" (over epochs or steps)
+    steps: int = 0  # > 0: a step phase of this many optimiser steps (needs ``task``)
+    task: str | None = None  # a step phase's task: ``model.tasks()[task]``
+    batch_size: int | None = None  # a step phase's batch; None: the run's --batch-size
+    log_every: int = 100  # a step phase logs and checkpoints every this many steps
 
 
 def describe_schedule(phases: list[Phase]) -> str:
@@ -58,7 +74,11 @@ def describe_schedule(phases: list[Phase]) -> str:
             extra.append(f"weight decay {phase.weight_decay:g}")
         if phase.loss_weights:
             extra.append("loss " + ", ".join(f"{k} {v:g}" for k, v in phase.loss_weights.items()))
-        lines.append(f"  {n}. {phase.name}: {phase.epochs} epochs, lr {lrs}; {'; '.join(extra)}")
+        length = f"{phase.epochs} epochs"
+        if phase.steps:
+            batch = f" of {phase.batch_size}" if phase.batch_size else ""
+            length = f"{phase.steps} steps{batch} on task '{phase.task}'"
+        lines.append(f"  {n}. {phase.name}: {length}, lr {lrs}; {'; '.join(extra)}")
     return "\n".join(lines)
 
 

@@ -1,18 +1,40 @@
-"""The one training loop: phases, mixed precision, DDP, checkpoints every epoch, resume, logs.
+"""The one training loop: phases, mixed precision, DDP, checkpoints, resume, logs.
 
 Every family trains through :class:`Trainer`. A model supplies its phases (``model.phases(cfg)``,
-data from :class:`protozoo.config.Phase`), its loss terms (``model.objective``) and its actions
-(``model.actions()``, e.g. a prototype push between phases); the loop itself knows no family
-and no dataset: it asks the model, and a training set that defines ``groups`` is batched by
-group (:func:`training_sampler`).
+data from :class:`protozoo.config.Phase`), its loss terms (``model.objective``), its step tasks
+(``model.tasks()``: the data and loss of a step phase, e.g. a backbone pretrained on another
+objective first) and its actions (``model.actions()``, e.g. a prototype push between phases);
+the loop itself knows no family and no dataset: it asks the model, and a training set that
+defines ``groups`` is batched by group (:func:`training_sampler`).
+
+Epoch phases and step phases share one set-up (:meth:`Trainer._optimiser`: Adam over the groups
+the phase trains, the autocast of ``--amp``, a gradient scaler for fp16), one optimiser step
+(:meth:`Trainer._optimise`: a finite-loss check, the scaled backward), one DDP wrapping
+(:meth:`Trainer._parallel`), one checkpoint format and one resume. A step task is any object with
+
+* ``train_set(data)`` -- the dataset its batches are drawn from (with replacement,
+  :class:`StepBatches`);
+* ``val_set(data)`` -- the dataset its last record is validated on, or None;
+* ``terms(model, batch)`` -- its loss terms for a batch on the device (``"loss"`` is optimised,
+  the rest are logged), computed under autocast and, under ``torchrun``, inside DDP's forward;
+* ``eval_batch_size`` -- the validation batch (None: the run's ``--batch-size``);
+
+:class:`protozoo.models.base.StepTask` is the base class families derive from.
+
+Not everything a family fits is an SGD phase: a fit with its own closed-form or optimisation
+procedure on precomputed features runs as an action (its family documents where).
 
 Files written in the run directory (by one process only under ``torchrun``):
-``train_config.json`` (resolved config), ``log.jsonl`` (one record per epoch or action),
-``curves.png`` (at most every :data:`CURVES_EVERY_S` seconds, and at the end),
-``model.safetensors`` + ``config.json`` (the model, every epoch) and ``train_state.pt``
-(optimiser, counters and model state in one atomic file, for ``--resume``).
+``train_config.json`` (resolved config), ``log.jsonl`` (one record per epoch, block of steps
+or action), ``curves.png`` (at most every :data:`CURVES_EVERY_S` seconds, and at the end),
+``model.safetensors`` + ``config.json`` (the model, every epoch, block of steps or action) and
+``train_state.pt`` (optimiser, counters and model state in one atomic file, for ``--resume``).
 A run killed mid-epoch resumes from its last completed epoch; the sampler order and augmentation of
 every epoch are seeded from ``(seed, epoch)`` so a resumed run repeats the epochs it lost exactly.
+A step phase checkpoints every ``log_every`` steps and resumes from the last of them the same way:
+its batches are one seeded sequence (:class:`StepBatches`) that a resumed run skips into, its
+learning rate a function of the step, and the augmentation of each block of steps is seeded from
+``(seed, phase, step)``.
 """
 from __future__ import annotations
 
@@ -26,7 +48,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
 from . import checkpoint
@@ -45,8 +67,8 @@ CURVES_EVERY_S = 30.0
 
 # ----------------------------------------------------------------------------- epoch sums
 
-def _new_sums(dist: DistInfo) -> dict[str, torch.Tensor]:
-    return defaultdict(lambda: torch.zeros((), device=dist.device))
+def _new_sums(dist: DistInfo, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    return defaultdict(lambda: torch.zeros((), device=dist.device, dtype=dtype))
 
 
 def _accumulate(sums: dict, terms: dict, output, batch: dict) -> None:
@@ -156,6 +178,11 @@ class Trainer:
             resuming_here = resume is not None and index == position["phase"]
             if phase.action:
                 self._run_action(phase, index, global_epoch)
+            elif phase.steps:
+                self._run_steps(
+                    phase, index, position.get("step", 0) if resuming_here else 0, global_epoch,
+                    resume.get("optimizer") if resuming_here else None,
+                    resume.get("scaler") if resuming_here else None)
             else:
                 global_epoch = self._run_phase(
                     phase, index, position["epoch"] if resuming_here else 0, global_epoch,
@@ -194,24 +221,50 @@ class Trainer:
             param_groups.append({"params": groups[name], "lr": lr, "base_lr": lr, "name": name})
         return param_groups
 
-    def _run_phase(self, phase, index, start, global_epoch, opt_state, scaler_state) -> int:
-        """Train ``phase`` from its epoch ``start``; returns the global epoch count after it."""
-        param_groups = self._set_trainable(phase)
-        calibrate_frozen_norms(self.model, self.data.push, self.cfg.batch_size, self.dist.device,
-                               self.cfg.amp)  # the training items without augmentation
-        optimizer = torch.optim.Adam(param_groups, weight_decay=phase.weight_decay)
+    def _optimiser(self, phase: Phase, opt_state, scaler_state):
+        """Adam over the groups ``phase`` trains (the others frozen), the autocast context of
+        ``--amp`` and a gradient scaler for fp16, restored from a resume state when given."""
+        optimizer = torch.optim.Adam(self._set_trainable(phase), weight_decay=phase.weight_decay)
         autocast, amp_dtype = autocast_for(self.dist.device, self.cfg.amp)
         scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
         if opt_state is not None:
             optimizer.load_state_dict(opt_state)
         if scaler is not None and scaler_state is not None:
             scaler.load_state_dict(scaler_state)
-        net = self.model
-        if self.dist.enabled:
-            from torch.nn.parallel import DistributedDataParallel
+        return optimizer, autocast, scaler
 
-            ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
-            net = DistributedDataParallel(self.model, device_ids=ids)
+    def _parallel(self, module: torch.nn.Module) -> torch.nn.Module:
+        """``module`` wrapped in DDP under ``torchrun`` (gradients averaged across processes)."""
+        if not self.dist.enabled:
+            return module
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
+        return DistributedDataParallel(module, device_ids=ids)
+
+    @staticmethod
+    def _optimise(loss: torch.Tensor, optimizer, scaler, phase: Phase) -> None:
+        """One optimiser step on ``loss`` (scaled for fp16), every phase's."""
+        optimizer.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss.item()} in phase '{phase.name}'; "
+                                     "lower --lr or use --amp off")
+        (scaler.scale(loss) if scaler else loss).backward()
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+
+    def _run_phase(self, phase, index, start, global_epoch, opt_state, scaler_state) -> int:
+        """Train ``phase`` from its epoch ``start``; returns the global epoch count after it."""
+        if phase.task:
+            raise ValueError(f"phase '{phase.name}' names task '{phase.task}' but no steps: a "
+                             "task trains in a step phase (Phase.steps > 0)")
+        optimizer, autocast, scaler = self._optimiser(phase, opt_state, scaler_state)
+        calibrate_frozen_norms(self.model, self.data.push, self.cfg.batch_size, self.dist.device,
+                               self.cfg.amp)  # the training items without augmentation
+        net = self._parallel(self.model)
         sampler = training_sampler(self.data.train, self.dist.world, self.dist.rank,
                                    self.cfg.seed)
         loader = DataLoader(self.data.train, batch_size=self.cfg.batch_size, sampler=sampler,
@@ -249,19 +302,140 @@ class Trainer:
             with autocast:
                 output = net(*self.model.inputs(batch))
                 terms = self.model.objective(output, batch, **phase.loss_weights)
-            optimizer.zero_grad(set_to_none=True)
-            loss = terms["loss"]
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()} in phase '{phase.name}'; "
-                                         "lower --lr or use --amp off")
-            (scaler.scale(loss) if scaler else loss).backward()
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
+            self._optimise(terms["loss"], optimizer, scaler, phase)
             _accumulate(sums, terms, output, batch)
         return _averages(sums, self.dist)
+
+    # -- step phases
+    def _task(self, phase: Phase):
+        tasks = self.model.tasks()
+        if phase.task is None:
+            raise ValueError(f"phase '{phase.name}' has {phase.steps} steps but no task: a step "
+                             "phase trains a task of the model (Phase.task)")
+        if phase.task not in tasks:
+            raise ValueError(f"model '{self.model.model_name}' has no task '{phase.task}' "
+                             f"(phase '{phase.name}')")
+        return tasks[phase.task]
+
+    def _run_steps(self, phase, index, start, global_epoch, opt_state, scaler_state) -> None:
+        """Train step phase ``phase`` from its step ``start`` (see :class:`Phase`)."""
+        if start >= phase.steps:
+            return
+        task = self._task(phase)
+        train_set = task.train_set(self.data)
+        optimizer, autocast, scaler = self._optimiser(phase, opt_state, scaler_state)
+        calibrate_frozen_norms(self.model, train_set, self.cfg.batch_size, self.dist.device,
+                               self.cfg.amp, forward=lambda batch: task.terms(self.model, batch))
+        net = self._parallel(_TaskNet(self.model, task))
+        batch_size = phase.batch_size or self.cfg.batch_size
+        step = start
+        for end in _block_ends(phase.steps, phase.log_every):
+            if end <= start:
+                continue
+            started = time.time()
+            # the block's augmentation (and data-loader workers' seeds) from (seed, phase, step)
+            torch.manual_seed(self.cfg.seed * 100003 + 1000003 * (index + 1) + step)
+            train_unfrozen(self.model)
+            batches = StepBatches(len(train_set), phase.steps, batch_size, self.cfg.seed, step,
+                                  end, self.dist.world, self.dist.rank)
+            loader = DataLoader(train_set, batch_sampler=batches, num_workers=self.cfg.workers,
+                                pin_memory=self.dist.device.type == "cuda")
+            sums = _new_sums(self.dist, torch.float64)  # the mean of many small steps
+            for batch in loader:
+                for group in optimizer.param_groups:
+                    group["lr"] = _scheduled_lr(group["base_lr"], phase, step)
+                batch = to_device(batch, self.dist.device)
+                with autocast:
+                    terms = net(batch)
+                self._optimise(terms["loss"], optimizer, scaler, phase)
+                for name, value in terms.items():
+                    sums[name] += value.detach().double()
+                sums["count"] += 1
+                step += 1
+            totals = all_reduce_sums(sums, self.dist)
+            count = max(totals.pop("count", 0.0), 1.0)
+            record = {"phase": phase.name, "epoch": global_epoch, "step": step,
+                      **{f"train/{k}": v / count for k, v in totals.items()}}
+            if step == phase.steps:
+                record.update({f"val/{k}": v for k, v in self._validate(task).items()})
+            record.update(lr=optimizer.param_groups[0]["lr"],
+                          time=round(time.time() - started, 2))
+            self._log(record)
+            self._checkpoint({"phase": index, "epoch": 0, "step": step,
+                              "global_epoch": global_epoch}, optimizer, scaler)
+
+    @torch.no_grad()
+    def _validate(self, task) -> dict[str, float]:
+        """The task's mean terms over its validation set (weighted by batch size), in eval mode,
+        reduced across processes; {} without one."""
+        val = task.val_set(self.data)
+        if val is None or not len(val):
+            return {}
+        autocast, _ = autocast_for(self.dist.device, self.cfg.amp)
+        sums = _new_sums(self.dist, torch.float64)
+        was_training = self.model.training
+        self.model.eval()
+        loader = DataLoader(shard(val, self.dist), num_workers=self.cfg.workers,
+                            batch_size=getattr(task, "eval_batch_size", None)
+                            or self.cfg.batch_size)
+        for batch in loader:
+            batch = to_device(batch, self.dist.device)
+            n = next(len(v) for v in batch.values() if torch.is_tensor(v))
+            with autocast:
+                terms = task.terms(self.model, batch)
+            for name, value in terms.items():
+                sums[name] += value.detach().double() * n
+            sums["count"] += n
+        self.model.train(was_training)
+        totals = all_reduce_sums(sums, self.dist)
+        count = max(totals.pop("count", 0.0), 1.0)
+        return {k: v / count for k, v in totals.items()}
+
+
+class _TaskNet(torch.nn.Module):
+    """A step task's loss terms as the forward of a module holding the model, so that DDP
+    (which syncs gradients only through its own forward) wraps the task like a model."""
+
+    def __init__(self, model: torch.nn.Module, task):
+        super().__init__()
+        self.model, self.task = model, task
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        return self.task.terms(self.model, batch)
+
+
+class StepBatches(Sampler[list[int]]):
+    """The batches of steps ``start`` to ``stop`` (default: the last) of a step phase of
+    ``steps`` batches of ``batch_size`` indices into ``size`` items, drawn with replacement by
+    torch's :class:`RandomSampler` from a generator seeded by ``seed``: one sequence for the
+    whole phase, so a run resumed at step ``start`` draws the batches the lost steps would have
+    drawn. Under DDP each step's batch is dealt out among the ``world`` processes (rank ``r``
+    gets items ``r, r + world, ...``), so together they take the step one process would."""
+
+    def __init__(self, size: int, steps: int, batch_size: int, seed: int, start: int = 0,
+                 stop: int | None = None, world: int = 1, rank: int = 0):
+        if batch_size < world:
+            raise ValueError(f"a step batch of {batch_size} cannot be dealt to {world} processes")
+        self.size, self.steps, self.batch_size, self.seed = size, steps, batch_size, int(seed)
+        self.start, self.stop = start, steps if stop is None else min(stop, steps)
+        self.world, self.rank = world, rank
+
+    def __len__(self) -> int:
+        return max(self.stop - self.start, 0)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed)
+        b = self.batch_size
+        order = list(RandomSampler(range(self.size), replacement=True, generator=generator,
+                                   num_samples=self.steps * b))
+        for step in range(self.start, self.stop):
+            yield order[step * b:(step + 1) * b][self.rank::self.world]
+
+
+def _block_ends(steps: int, every: int) -> list[int]:
+    """The steps after which a step phase logs and checkpoints, in order: every ``every``
+    steps counted back from ``steps`` (so the last block is a whole one)."""
+    return sorted(range(steps, 0, -max(int(every), 1)))
 
 
 def frozen_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -301,13 +475,14 @@ def _unfitted_norms(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 @torch.no_grad()
 def calibrate_frozen_norms(model, dataset: Dataset, batch_size: int, device: torch.device,
-                           amp: str = "auto") -> int:
+                           amp: str = "auto", forward: Callable | None = None) -> int:
     """Estimate the statistics of frozen BatchNorm layers that never saw data, once, over
     ``dataset`` in order (the same on every process), then keep them fixed. A backbone trained
     from scratch is frozen during a prototype warm-up: in eval mode with its initial statistics
     its features would be unnormalised, and the first phase that trains it (batch statistics)
-    would then see other features than the prototypes were fitted to. Returns how many layers
-    were calibrated."""
+    would then see other features than the prototypes were fitted to. ``forward(batch)`` runs
+    the phase's computation (default: the model on ``model.inputs(batch)``; a step phase passes
+    its task's). Returns how many layers were calibrated."""
     norms = _unfitted_norms(model)
     if not norms:
         return 0
@@ -323,7 +498,10 @@ def calibrate_frozen_norms(model, dataset: Dataset, batch_size: int, device: tor
         for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
             batch = to_device(batch, device)
             with autocast:
-                model(*model.inputs(batch))
+                if forward is not None:
+                    forward(batch)
+                else:
+                    model(*model.inputs(batch))
     finally:
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum
@@ -375,9 +553,11 @@ def training_sampler(dataset: Dataset, world: int, rank: int, seed: int) -> Samp
 
 
 def _scheduled_lr(base: float, phase: Phase, epoch: int) -> float:
-    """The phase's learning rate at ``epoch``: constant, cosine, or ``step:SIZE:GAMMA``."""
-    if phase.schedule == "cosine" and phase.epochs > 1:
-        return base * 0.5 * (1 + math.cos(math.pi * epoch / phase.epochs))
+    """The phase's learning rate at ``epoch`` (a step phase: at its step): constant, cosine
+    (over the phase's epochs or steps), or ``step:SIZE:GAMMA``."""
+    length = phase.steps or phase.epochs
+    if phase.schedule == "cosine" and length > 1:
+        return base * 0.5 * (1 + math.cos(math.pi * epoch / length))
     if phase.schedule.startswith("step:"):
         _, size, gamma = phase.schedule.split(":")
         return base * float(gamma) ** (epoch // int(size))

@@ -270,7 +270,7 @@ def test_model_argument_that_fails_on_data_is_caught_before_the_run_folder(tmp_p
 @pytest.mark.parametrize("arg", ["objectness=1", "describe_steps=10"])
 def test_a_loss_the_data_cannot_feed_is_caught_before_the_run_folder(tmp_path, monkeypatch,
                                                                      capsys, arg):
-    # han's objectness loss and describe action need the objects' masks: Sort-of-CLEVR's files
+    # han's objectness loss and describe phase need the objects' masks: Sort-of-CLEVR's files
     # read as plain CLEVR without their masks/ folder have none
     import shutil
 

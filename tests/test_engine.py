@@ -199,3 +199,21 @@ def test_ddp_on_cpu_writes_one_complete_run(tmp_path):
     model = protozoo.load(runs[0])
     assert not any(k.startswith("module.") for k in model.state_dict())
     assert result.stdout.count("test: accuracy=") == 1  # one process evaluates and reports
+
+
+def test_step_batches_are_one_seeded_sequence_dealt_to_the_ranks():
+    """A step phase's batches: torch's RandomSampler with replacement from a generator seeded by
+    the run's seed, one sequence a resumed run skips into; under DDP each step's batch is dealt
+    out among the processes, which together take the step of one process."""
+    from torch.utils.data import RandomSampler
+
+    from protozoo.engine import StepBatches, _block_ends
+
+    whole = list(StepBatches(10, steps=5, batch_size=4, seed=3))
+    drawn = list(RandomSampler(range(10), replacement=True, num_samples=20,
+                               generator=torch.Generator().manual_seed(3)))
+    assert whole == [drawn[i:i + 4] for i in range(0, 20, 4)]
+    assert list(StepBatches(10, 5, 4, 3, start=2, stop=4)) == whole[2:4]
+    ranks = [list(StepBatches(10, 5, 4, 3, world=2, rank=r)) for r in (0, 1)]
+    assert [sorted(a + b) for a, b in zip(*ranks)] == [sorted(b) for b in whole]
+    assert _block_ends(7, 3) == [1, 4, 7] and _block_ends(6, 100) == [6]

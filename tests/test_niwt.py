@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 import protozoo
-from protozoo import zeroshot as zs
+from protozoo.models import zeroshot as zs
 from protozoo.config import TrainConfig
 from protozoo.data import build_data
 from protozoo.data import synthetic_attributes as sa

@@ -19,7 +19,7 @@ from protozoo.backbones import Geometry, create_backbone
 from protozoo.errors import DataError, UserError
 from protozoo.models.hard_attention import CellEmbedding, time_reasoning
 from protozoo.models.vqa import attention_metrics, cell_coverage
-from protozoo.probes import predictions
+from protozoo.models.probes import predictions
 
 VOCAB = ["<pad>", "<unk>", "bottom", "cell", "colour", "left", "of", "right", "top", "what"]
 ANSWERS = ["blue", "green", "red"]
@@ -586,7 +586,7 @@ def test_han_objectness_targets_once_per_distinct_image():
 def test_object_descriptions_by_hand():
     """Per cell: centre, mean colour, fill of the bounding box and the centre's offset in cells,
     on the cell holding the centre only; two centres in one cell: the larger ownership value."""
-    from protozoo.description import DESCRIPTION_CHANNELS, object_descriptions
+    from protozoo.models.description import DESCRIPTION_CHANNELS, object_descriptions
 
     owner = torch.zeros(1, 75, 75, dtype=torch.uint8)
     image = torch.zeros(1, 3, 75, 75)
@@ -611,7 +611,7 @@ def test_object_descriptions_by_hand():
 
 def test_describe_terms_by_hand():
     """Centre: BCE on every cell; colour, fill and offset only on the centre cells."""
-    from protozoo.description import describe_terms
+    from protozoo.models.description import describe_terms
 
     target = torch.zeros(1, 7, 4)
     target[0, :, 1] = torch.tensor([1.0, 0.5, -1.0, 0.0, 1.0, 0.25, -0.25])
@@ -634,12 +634,27 @@ def test_describe_terms_by_hand():
     assert torch.isclose(empty["describe"], empty["describe_centre"])
 
 
-def test_han_describe_action_pretrains_the_cnn_before_the_answer(tiny_sort_of_clevr):
-    """``describe_steps=N``: a ``describe`` action first trains the CNN and the describe head
-    alone on the object descriptions (and learns them); the answer's phases then train
-    everything but the describe head."""
+def _describe_trainer(data, run_dir=None, steps=150, log_every=100, amp="off"):
+    """An engine running ``han``'s ``describe`` step phase alone (the answer's phases dropped)."""
+    from dataclasses import replace
+
     from protozoo.config import TrainConfig
-    from protozoo.engine import ActionContext, DistInfo
+    from protozoo.engine import DistInfo, Trainer
+
+    if run_dir is not None:
+        run_dir.mkdir()
+    model = make("han", g_dim=32, f_dim=32, describe_steps=steps)
+    cfg = TrainConfig(model="han", dataset="sort-of-clevr", amp=amp, seed=0)
+    trainer = Trainer(cfg, model, data, run_dir, DistInfo())
+    trainer.phases = [replace(p, log_every=log_every) for p in trainer.phases if p.steps]
+    return trainer
+
+
+def test_han_describe_phase_pretrains_the_cnn_before_the_answer(tiny_sort_of_clevr):
+    """``describe_steps=N``: a ``describe`` step phase of the engine first trains the CNN and
+    the describe head alone on the object descriptions (and learns them); the answer's phases
+    then train everything but the describe head."""
+    from protozoo.config import TrainConfig
 
     model = make("han", g_dim=32, f_dim=32, describe_steps=150)
     groups = model.param_groups()
@@ -648,20 +663,87 @@ def test_han_describe_action_pretrains_the_cnn_before_the_answer(tiny_sort_of_cl
     assert len(ids) == len(set(ids)) == len(list(model.parameters()))
     cfg = TrainConfig(model="han", dataset="sort-of-clevr")
     describe, train = model.phases(cfg)
-    assert (describe.name, describe.action) == ("describe", "describe")
+    assert (describe.name, describe.steps, describe.task, describe.batch_size) \
+        == ("describe", 150, "describe", 64) and describe.action is None
+    assert sorted(describe.lrs) == ["backbone", "describe"] and describe.schedule == "cosine"
     assert sorted(train.lrs) == ["backbone", "head"] and train.epochs == 45
     assert [p.name for p in make("han", g_dim=32, f_dim=32).phases(cfg)] == ["train"]
 
+    trainer = _describe_trainer(tiny_sort_of_clevr)
+    model = trainer.model
     reasoner = [p.detach().clone() for p in model.reasoner.parameters()]
     cnn = model.backbone.body.cnn.stages[0][0].weight.detach().clone()
-    ctx = ActionContext(model, tiny_sort_of_clevr, cfg, DistInfo(), None, None)
-    result = model.actions()["describe"](ctx)
-    assert result["describe/steps"] == 150
+    records = trainer.fit()
+    # logged every 100 steps counted back from the end: the last record averages 100 steps
+    assert [(r["phase"], r["step"]) for r in records] == [("describe", 50), ("describe", 150)]
+    result = records[-1]
+    assert not any(k.startswith("val/") for k in records[0])
     # 6 of 25 cells hold a centre: "none anywhere" scores 0.76
     assert result["train/describe_centre_accuracy"] > 0.9
     assert result["val/describe_centre_accuracy"] > 0.8 and result["val/describe"] < 3
+    assert result["train/loss"] == result["train/describe"]
+    assert result["lr"] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 149 / 150)))
     assert not torch.equal(model.backbone.body.cnn.stages[0][0].weight, cnn)
     assert all(torch.equal(a, b) for a, b in zip(reasoner, model.reasoner.parameters()))
+
+
+def test_han_describe_phase_resumes_to_the_same_weights(tiny_sort_of_clevr, tmp_path,
+                                                         monkeypatch):
+    """A describe phase interrupted mid-way resumes from its last checkpoint (every
+    ``log_every`` steps) to the weights, optimiser state and log of an uninterrupted run: the
+    batches are one seeded sequence it skips into, the learning rate a function of the step."""
+    from protozoo.api import model_from_state
+    from protozoo.engine import Trainer, read_resume_state
+    from protozoo.models.description import DescribeTask
+
+    reference = _describe_trainer(tiny_sort_of_clevr, tmp_path / "ref", steps=7, log_every=3)
+    expected = reference.fit()
+    assert [r["step"] for r in expected] == [1, 4, 7]
+
+    original, calls = DescribeTask.terms, []
+
+    def interrupted(self, model, batch):
+        calls.append(1)
+        if len(calls) == 6:  # step 6 of 7: the last checkpoint is at step 4
+            raise KeyboardInterrupt
+        return original(self, model, batch)
+
+    run = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        patch.setattr(DescribeTask, "terms", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            _describe_trainer(tiny_sort_of_clevr, run, steps=7, log_every=3).fit()
+    state = read_resume_state(run)
+    assert state["position"] == {"phase": 0, "epoch": 0, "step": 4, "global_epoch": 0}
+
+    model = model_from_state(state, str(run))  # what train.py --resume does
+    resumed = Trainer(reference.cfg, model, tiny_sort_of_clevr, run, reference.dist)
+    resumed.phases = reference.phases
+    records = resumed.fit(resume=state)
+    strip = [{k: v for k, v in r.items() if k != "time"} for r in expected]
+    assert [{k: v for k, v in r.items() if k != "time"} for r in records] == strip
+    mine, theirs = model.state_dict(), reference.model.state_dict()
+    assert mine.keys() == theirs.keys()
+    for key in mine:
+        assert torch.equal(mine[key], theirs[key]), key
+    final = read_resume_state(run)
+    assert final["position"]["finished"]
+
+
+def test_han_describe_phase_runs_under_autocast(tiny_sort_of_clevr):
+    """``--amp bf16`` on a CPU: the describe phase's forward runs in bfloat16 (the engine's
+    autocast) and its loss, gradients and validation stay finite."""
+    trainer = _describe_trainer(tiny_sort_of_clevr, steps=3, amp="bf16")
+    dtypes = []
+    convs = [m for m in trainer.model.modules() if isinstance(m, torch.nn.Conv2d)]
+    for conv in convs:  # the CNN's and the describe head's
+        conv.register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
+    before = trainer.model.describe_head[0].weight.detach().clone()
+    (record,) = trainer.fit()
+    assert set(dtypes) == {torch.bfloat16}
+    assert all(math.isfinite(v) for k, v in record.items() if "/" in k)
+    assert record["step"] == 3 and "val/describe" in record
+    assert not torch.equal(trainer.model.describe_head[0].weight, before)
 
 
 def test_default_schedule_for_builtin_and_other_data():
@@ -980,7 +1062,7 @@ def test_han_reports_its_reasoning_step_against_all_cells(tiny_sort_of_clevr):
 
 
 def test_no_behavioural_test_without_scenes():
-    from protozoo.probes import can_perturb
+    from protozoo.models.probes import can_perturb
 
     class NoScenes:
         def __len__(self):

@@ -2,8 +2,9 @@
 
 A family overrides only what differs from a plain image classifier: its ``forward`` (returning a
 dataclass from :mod:`protozoo.outputs`), ``objective`` (its loss terms), ``param_groups`` and
-``phases`` (its training schedule as data), and optionally ``actions`` (steps like ProtoPNet's push
-that run between phases) and ``inputs`` (VQA models also take a question).
+``phases`` (its training schedule as data), and optionally ``tasks`` (the data and loss of a
+step phase, :class:`StepTask`, e.g. ``han``'s ``describe`` pretraining), ``actions`` (steps like
+ProtoPNet's push that run between phases) and ``inputs`` (VQA models also take a question).
 
 Its policies are declared here too, so generic code asks the model instead of testing its name:
 ``report_writer`` (the report :func:`protozoo.render.reports.write_report` draws),
@@ -59,6 +60,29 @@ def _recording(init: Callable) -> Callable:
             self.model_name = MODELS.name_of(type(self)) or ""
 
     return recording_init
+
+
+class StepTask:
+    """What a step phase (:class:`protozoo.config.Phase` with ``steps`` and ``task``) trains on
+    and for, when that is not the model's own ``objective`` over its training set: the engine
+    draws batches from :meth:`train_set` (with replacement, seeded), optimises ``"loss"`` of
+    :meth:`terms` under the run's autocast and DDP, checkpoints and resumes it like an epoch
+    phase, and validates :meth:`terms` on :meth:`val_set` at the phase's end."""
+
+    eval_batch_size: int | None = None  # the validation batch; None: the run's --batch-size
+
+    def train_set(self, data) -> torch.utils.data.Dataset:
+        """The items the phase's batches are drawn from (``data``: the run's DataBundle)."""
+        raise NotImplementedError
+
+    def val_set(self, data) -> torch.utils.data.Dataset | None:
+        """The items its validation terms are averaged over; None: no validation."""
+        return None
+
+    def terms(self, model: ZooModel, batch: dict) -> dict[str, torch.Tensor]:
+        """Loss terms of ``model`` on a batch (already on the device); ``"loss"`` is optimised,
+        every term is logged (``train/NAME``, ``val/NAME``)."""
+        raise NotImplementedError
 
 
 class ZooModel(nn.Module):
@@ -197,6 +221,10 @@ class ZooModel(nn.Module):
         epochs = cfg.epochs if cfg.epochs is not None else (30 if cfg.pretrained else 3)
         return [Phase("train", epochs, {g: lr for g in self.param_groups()},
                       weight_decay=cfg.weight_decay, schedule="cosine")]
+
+    def tasks(self) -> dict[str, StepTask]:
+        """The tasks its step phases name (``Phase.task``)."""
+        return {}
 
     def actions(self) -> dict[str, Callable]:
         return {}

@@ -25,7 +25,8 @@ from .. import losses
 from ..attention import (RelationModule, Selection, cell_norms, resolve_k, select_adaptive,
                          select_all, select_top_k)
 from ..config import Phase, TrainConfig
-from ..description import DESCRIPTION_CHANNELS, MASKS_NEEDED, object_centre_cells
+from .description import (DESCRIPTION_CHANNELS, MASKS_NEEDED, DescribeTask, describe_phase,
+                          object_centre_cells)
 from ..errors import UserError
 from ..outputs import VQAOutput
 from ..registry import register_model
@@ -204,11 +205,11 @@ class HAN(CellReasoner):
             objectness: weight of an auxiliary loss (ours, off by default; needs the data's
                 object masks): cross-entropy between ``softmax(presence)`` and a target spread
                 over the cells that hold an object's centre (:func:`object_centre_cells`).
-            describe_steps: steps of the ``describe`` action (ours, off by default; needs the
+            describe_steps: steps of the ``describe`` phase (ours, off by default; needs the
                 object masks): before the answer's training the CNN learns to describe, on each
                 cell, whether it holds an object's centre and that object's colour, fill and
-                offset (:mod:`protozoo.description`) -- the pretrained backbone the paper reads,
-                learnt from the masks instead of ImageNet.
+                offset (:mod:`protozoo.models.description`) -- the pretrained backbone the
+                paper reads, learnt from the masks instead of ImageNet.
 
         The paper's HAN is ``fusion="sum", unit_cells=False, cell_features=False, film=False,
         distance=False, glimpse=0, pair_pool="sum", g_dim=256, g_layers=4, f_dim=256``.
@@ -299,7 +300,7 @@ class HAN(CellReasoner):
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """``backbone`` and ``head``, and ``describe`` (the describe head, trained only by the
-        ``describe`` action) when ``describe_steps`` > 0."""
+        ``describe`` phase) when ``describe_steps`` > 0."""
         groups = super().param_groups()
         if not self.describe_steps:
             return groups
@@ -309,20 +310,18 @@ class HAN(CellReasoner):
                 "head": [p for p in groups["head"] if id(p) not in ids]}
 
     def phases(self, cfg: TrainConfig) -> list[Phase]:
-        """:meth:`VQAModel.phases`, after the ``describe`` action when ``describe_steps`` > 0
-        (:func:`protozoo.description.describe_action`); the describe head stays frozen in the
-        answer's phases."""
+        """:meth:`VQAModel.phases`, after the ``describe`` step phase when ``describe_steps`` > 0
+        (:func:`protozoo.models.description.describe_phase`); the describe head stays frozen in
+        the answer's phases."""
         answer = super().phases(cfg)
         if not self.describe_steps:
             return answer
         answer = [replace(p, lrs={g: v for g, v in p.lrs.items() if g != "describe"})
                   for p in answer]
-        return [Phase("describe", action="describe"), *answer]
+        return [describe_phase(self.describe_steps), *answer]
 
-    def actions(self) -> dict:
-        from ..description import describe_action
-
-        return {"describe": describe_action} if self.describe_steps else {}
+    def tasks(self) -> dict:
+        return {"describe": DescribeTask()} if self.describe_steps else {}
 
     def objective(self, output: VQAOutput, batch: dict, **weights: float) -> dict:
         """Cross-entropy of the answer, plus ``glimpse`` x the glimpse's cross-entropy (logged
@@ -380,12 +379,13 @@ def time_reasoning(model: CellReasoner, image: torch.Tensor, question: torch.Ten
                    question_length: torch.Tensor, image_index: torch.Tensor | None = None,
                    repeats: int = 10, all_cells: bool = False) -> float:
     """Median seconds of one call of the reasoning step alone (inference, no gradients) on
-    one batch, over ``repeats`` timed calls after warm-up (:func:`protozoo.probes.time_call`).
+    one batch, over ``repeats`` timed calls after warm-up
+    (:func:`protozoo.models.probes.time_call`).
 
     The cells are computed once; only ``model.reason`` is timed. ``all_cells=True`` times the
     same module (same widths, same weights) on every cell of the grid instead of the kept ones:
     the full Relation Network's step, which hard attention is measured against."""
-    from ..probes import time_call
+    from .probes import time_call
 
     if not isinstance(model, CellReasoner):
         raise UserError(f"time_reasoning needs a 'han' or 'rn' model, got {type(model).__name__}")

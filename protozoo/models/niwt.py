@@ -3,7 +3,8 @@ Neuron: Incorporating Domain Knowledge through Neuron-Importance", ECCV 2018).
 
 A head on a trained zoo classifier (the *base*) that adds classifiers for unseen classes known
 only by their attributes, in three steps (the action ``niwt``, run by ``train.py --model niwt
---base RUN``; see :mod:`protozoo.zeroshot` for the computations and the official code they follow):
+--base RUN``; see :mod:`protozoo.models.zeroshot` for the computations and the official code
+they follow, and :mod:`protozoo.models.niwt_fit` for how each is fitted):
 
 1. **neuron importances** of the seen training images: Grad-CAM's channel weights, the gradient of
    the image's class score (pre-softmax) with respect to the chosen layer's activations, *summed*
@@ -24,13 +25,14 @@ synthetic-attributes, generator seed 1, never on the reported test split):
   code fixes it per dataset in a config file. The cosine loss fixes only the *direction* of a new
   weight vector, so lambda sets its scale against the seen classes -- the operating point of
   generalised zero-shot classification.
-* **unseen biases** are calibrated on seen images (:func:`protozoo.zeroshot.calibrated_biases`):
-  the official code's new bias receives no gradient from the importance loss and stays at zero,
-  which leaves the offset ``w . f`` of every new class to chance (dev split: GZSL H 0.11 with the
-  mean seen bias, 0.61 calibrated). ``unseen_bias="zero"`` restores the official behaviour.
+* **unseen biases** are calibrated on seen images
+  (:func:`protozoo.models.zeroshot.calibrated_biases`): the official code's new bias receives no
+  gradient from the importance loss and stays at zero, which leaves the offset ``w . f`` of every
+  new class to chance (dev split: GZSL H 0.11 with the mean seen bias, 0.61 calibrated).
+  ``unseen_bias="zero"`` restores the official behaviour.
 * the attribute map is refitted on all seen classes for the selected number of steps, and the
   unseen-weight optimisation uses full batches of a fixed sample of seen images (see
-  :mod:`protozoo.zeroshot`).
+  :mod:`protozoo.models.zeroshot`).
 
 The chosen layer must have non-linear layers above it. At the map that feeds global average
 pooling and the linear classifier (a CAM net's ``extra`` output, or its ``backbone`` when
@@ -56,7 +58,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .. import zeroshot as zs
+from . import zeroshot as zs
 from ..config import Phase, TrainConfig
 from ..errors import UserError
 from ..outputs import ModelOutput
@@ -119,7 +121,7 @@ class NIWT(ZooModel):
             num_images: seen training images used as inputs for that optimisation.
             map_steps, map_lr: attribute -> importance map training (Adam, full batch), with
                 ``val_class_fraction`` of the seen classes held out to select its step count.
-            unseen_bias: "calibrated" (default; :func:`protozoo.zeroshot.calibrated_biases`),
+            unseen_bias: "calibrated" (default; :func:`protozoo.models.zeroshot.calibrated_biases`),
                 "zero" (the official code: the new layer's bias stays at its initial zero) or
                 "mean" (the mean seen bias).
             top_attributes: attributes named per neuron in explanations.
@@ -268,7 +270,7 @@ class NIWT(ZooModel):
     def importance_jacobians(self, x: torch.Tensor) -> torch.Tensor:
         """[B, D, C]: the space-summed Jacobian of the final layer's input with respect to the
         chosen layer, so that any class weight vector w induces importances ``w @ J`` (see
-        :func:`protozoo.zeroshot.induced_importances`). One batched backward pass per image
+        :func:`protozoo.models.zeroshot.induced_importances`). One batched backward pass per image
         batch (vmap over the D output directions)."""
         with torch.enable_grad(), self._inference():
             _, cap = self._run(x, grad_from_layer=True)
@@ -352,7 +354,7 @@ class NIWT(ZooModel):
     # ---------------------------------------------------------------- training (an action)
     def phases(self, cfg: TrainConfig) -> list[Phase]:
         """One action, no epochs: NIWT fits its head from importances, it does not run SGD over
-        images."""
+        images (its closed-form and full-batch fits: :mod:`protozoo.models.niwt_fit`)."""
         return [Phase("niwt", action="niwt")]
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:

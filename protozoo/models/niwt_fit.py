@@ -1,8 +1,38 @@
-"""NIWT's fitting action and its zero-shot evaluation, wired to data bundles.
+"""NIWT's fits and its zero-shot evaluation, wired to data bundles.
 
 :func:`fit_niwt` runs the three steps of :mod:`protozoo.models.niwt` on a bundle with a zero-shot
 split (``DataBundle.zero_shot``, :class:`protozoo.data.zero_shot.ZeroShotSplit`);
 :func:`zero_shot_metrics` scores NIWT and both baselines on the same features in one run.
+
+NIWT's fits are closed-form or full-batch optimisation fits, not SGD phases
+---------------------------------------------------------------------------
+This is the one place that says so. Every zoo family that trains on images does so in the
+engine's epoch or step phases (:class:`protozoo.config.Phase`), with its mixed precision, DDP,
+checkpoints and resume; NIWT does not train on images. Its fits run inside one engine action
+(``niwt``, :meth:`protozoo.models.niwt.NIWT.phases`), which the engine logs and checkpoints once
+it ends, like a push:
+
+* **neuron importances** are computed, not fitted: one pass of gradients over the seen training
+  images, in order (:func:`collect_importances`, :meth:`protozoo.models.niwt.NIWT.importances`),
+  and the importance Jacobians of a seeded sample of them (:func:`collect_jacobians`);
+* **attributes -> importances** (step 2): a linear map fitted by *full-batch* Adam on the
+  precomputed (attributes, importances) pairs, the step count chosen by the lowest cosine loss on
+  held-out seen classes (:func:`protozoo.models.zeroshot.fit_attribute_map`);
+* **lambda**: a grid search scored by the pseudo-GZSL H on held-out seen classes
+  (:func:`select_lambda`, :func:`protozoo.models.zeroshot.validation_gzsl_h`);
+* **unseen-class weights** (step 3): *full-batch* Adam on the precomputed Jacobians with early
+  stopping (:func:`protozoo.models.zeroshot.optimise_unseen_weights`); their biases in closed
+  form (:func:`protozoo.models.zeroshot.calibrated_biases`);
+* **baselines** (evaluation only): ridge regression attributes -> weights in closed form
+  (:func:`protozoo.models.zeroshot.direct_regression_weights`, its strength by
+  :func:`~protozoo.models.zeroshot.select_ridge_alpha`) and DAP's per-attribute logistic
+  regressions (scikit-learn, :func:`protozoo.models.zeroshot.dap_scores`).
+
+Why not engine phases: each fits a linear map or a few weight vectors on tensors already
+computed from the frozen base, in full batches (no sampler, no images), with its own selection
+rule (the best held-out step, early stopping); the engine's batching, AMP (which would change
+the cosine losses), DDP and mid-phase resume would add nothing. All of them are seeded by
+``--seed``.
 """
 from __future__ import annotations
 
@@ -12,7 +42,7 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Subset
 
-from .. import zeroshot as zs
+from . import zeroshot as zs
 from ..runtime import iterate
 from ..errors import UserError
 
@@ -103,7 +133,7 @@ def select_lambda(model, held_out_map, attributes, jacobians, train, val_data, v
                   batch_size, device, seed) -> tuple[float, float]:
     """(lambda, validation H): each candidate lambda transfers weights to the held-out seen
     classes (from the map fitted without them, initialised, regularised and calibrated by the
-    other seen classes alone), scored by :func:`protozoo.zeroshot.validation_gzsl_h` on
+    other seen classes alone), scored by :func:`protozoo.models.zeroshot.validation_gzsl_h` on
     ``val_data`` (held-out images of all seen classes). ``train`` = (features, labels) of the
     seen training images. A fixed ``reg_lambda`` skips the search."""
     if model.hp["reg_lambda"] is not None:

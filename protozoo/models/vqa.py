@@ -303,10 +303,10 @@ class VQAModel(ZooModel):
     consistency_questions = 1000  # test questions perturbed for the behavioural test
 
     def dataset_metrics(self, data, amp: str = "auto") -> dict[str, float]:
-        """The behavioural test (:func:`protozoo.probes.consistency`, at precision ``amp``) on
-        data whose scenes can be re-rendered (Sort-of-CLEVR): ``consistency``,
+        """The behavioural test (:func:`protozoo.models.probes.consistency`, at precision
+        ``amp``) on data whose scenes can be re-rendered (Sort-of-CLEVR): ``consistency``,
         ``perturbed_accuracy``."""
-        from ..probes import can_perturb, consistency
+        from .probes import can_perturb, consistency
 
         if not can_perturb(data.test):
             return {}

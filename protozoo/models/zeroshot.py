@@ -1,7 +1,9 @@
 """Zero-shot learning computations: NIWT's optimisation steps, its baselines and the GZSL metrics.
 
 Pure functions on tensors and arrays (no model, no data loading), so each can be tested against
-hand-computed values. :mod:`protozoo.models.niwt` wires them to a network.
+hand-computed values. :mod:`protozoo.models.niwt` wires them to a network and
+:mod:`protozoo.models.niwt_fit` runs them; its docstring lists which are closed-form and which
+full-batch optimisation fits (none is an SGD phase of the engine).
 
 NIWT (Selvaraju et al., "Choose Your Neuron: Incorporating Domain Knowledge through
 Neuron-Importance", ECCV 2018) and its official code (github.com/ramprs/neuron-importance-zsl):

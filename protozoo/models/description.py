@@ -1,31 +1,36 @@
-"""Object descriptions per cell, and ``han``'s ``describe`` action: pretraining its CNN so that
+"""Object descriptions per cell, and ``han``'s ``describe`` phase: pretraining its CNN so that
 each cell holding an object's centre describes that object.
 
 Why it exists. Malinowski et al.'s hard attention (ECCV 2018) reads cells of a *pretrained*
 backbone, whose norms and features already mark objects; on Sort-of-CLEVR from scratch the cells
 are not objects -- an ~11 px object spreads over ~2.5 of the 15 px cells, and the relation
 module over the kept cells counts cells, not objects (``docs/han-relational.md``). The
-``describe`` action gives ``han`` the pretrained backbone the paper assumes, learnt from the
+``describe`` phase gives ``han`` the pretrained backbone the paper assumes, learnt from the
 data's ownership maps (the objects' masks) before any question: for ``describe_steps`` steps of
 :data:`DESCRIBE_BATCH` distinct training images it trains the CNN and a small head (1x1 conv,
 ReLU, 1x1 conv) to say, on every cell, whether it holds an object's centre and, on such a cell,
 the object's colour, how much of its bounding box it fills (the shape) and where in the cell its
 centre lies (:func:`object_descriptions`). The answer's training then starts from that CNN.
+
+The phase is a step phase of the engine (:func:`describe_phase`, :class:`DescribeTask`), so it
+has the engine's mixed precision, DDP, checkpoints and resume like the answer's epochs.
 """
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, RandomSampler, Subset
+from torch.utils.data import Subset
 
-from .errors import UserError
+from ..config import Phase
+from ..errors import UserError
+from .base import StepTask
 
 DESCRIBE_BATCH = 64  # distinct images a step
 DESCRIBE_LR = 1e-3  # Adam, cosine decay over the steps
+DESCRIBE_LOG_EVERY = 100  # steps a log record (and a checkpoint) averages
 DESCRIBE_VAL_IMAGES = 1000  # validation images the logged figures are measured on
+DESCRIBE_VAL_BATCH = 250
 DESCRIPTION_CHANNELS = ("centre", "red", "green", "blue", "fill", "offset_x", "offset_y")
 MASKS_NEEDED = ("objectness and describe_steps need the objects' masks (the data's masks/ "
                 "folder, as sort-of-clevr has); train with objectness=0 and describe_steps=0")
@@ -146,60 +151,36 @@ def _distinct_images(dataset) -> Subset:
     return Subset(dataset, np.sort(first).tolist())
 
 
-def _describe(model, batch: dict, device) -> dict[str, torch.Tensor]:
-    image = batch["image"].to(device)
-    predicted = model.describe_head(model.backbone(image))
-    target = object_descriptions(batch["owner"].to(device), image, tuple(predicted.shape[-2:]))
-    return describe_terms(predicted, target)
+class DescribeTask(StepTask):
+    """The ``describe`` task: the CNN and the describe head on :func:`describe_terms` (the
+    loss is their sum ``describe``), on one item per training image (its first question), and
+    validated on up to :data:`DESCRIBE_VAL_IMAGES` validation images."""
+
+    eval_batch_size = DESCRIBE_VAL_BATCH
+
+    def train_set(self, data) -> Subset:
+        if not getattr(data.train, "has_masks", False):
+            raise UserError(MASKS_NEEDED)
+        return _distinct_images(data.train)
+
+    def val_set(self, data) -> Subset:
+        val = _distinct_images(data.val)
+        return Subset(val, list(range(min(len(val), DESCRIBE_VAL_IMAGES))))
+
+    def terms(self, model, batch: dict) -> dict[str, torch.Tensor]:
+        image = batch["image"]
+        predicted = model.describe_head(model.backbone(image))
+        target = object_descriptions(batch["owner"], image, tuple(predicted.shape[-2:]))
+        terms = describe_terms(predicted, target)
+        return {"loss": terms["describe"], **terms}
 
 
-def describe_action(ctx) -> dict:
-    """The engine's ``describe`` action for ``han`` (``describe_steps`` > 0): trains the CNN and
-    the describe head for ``describe_steps`` steps of :data:`DESCRIBE_BATCH` distinct training
-    images (drawn with replacement, seeded by ``--seed``; Adam at :data:`DESCRIBE_LR`, cosine
-    decay, float32) on :func:`describe_terms`, and logs the mean terms of the last 100 steps
-    (``train/...``) and on up to :data:`DESCRIBE_VAL_IMAGES` validation images (``val/...``).
-    With several processes every rank runs the same steps, then takes rank 0's weights."""
-    model, device, steps = ctx.model, ctx.dist.device, ctx.model.describe_steps
-    train = ctx.data.train
-    if not getattr(train, "has_masks", False):
-        raise UserError(MASKS_NEEDED)
-    images = _distinct_images(train)
-    generator = torch.Generator().manual_seed(int(ctx.cfg.seed))
-    loader = DataLoader(images, batch_size=DESCRIBE_BATCH, num_workers=ctx.cfg.workers,
-                        sampler=RandomSampler(images, replacement=True, generator=generator,
-                                              num_samples=steps * DESCRIBE_BATCH))
-    params = [*model.backbone.parameters(), *model.describe_head.parameters()]
-    for p in params:
-        p.requires_grad_(True)
-    optimizer = torch.optim.Adam(params, lr=DESCRIBE_LR)
-    cosine = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps)))
-    was_training = model.training
-    model.train()
-    recent: list[dict[str, float]] = []
-    for batch in loader:
-        terms = _describe(model, batch, device)
-        optimizer.zero_grad(set_to_none=True)
-        terms["describe"].backward()
-        optimizer.step()
-        cosine.step()
-        recent = [*recent[-99:], {k: float(v.detach()) for k, v in terms.items()}]
-    model.eval()
-    val = _distinct_images(ctx.data.val)
-    val = Subset(val, list(range(min(len(val), DESCRIBE_VAL_IMAGES))))
-    sums: dict[str, float] = {}
-    with torch.no_grad():
-        for batch in DataLoader(val, batch_size=250, num_workers=ctx.cfg.workers):
-            n = len(batch["image"])
-            for k, v in _describe(model, batch, device).items():
-                sums[k] = sums.get(k, 0.0) + float(v) * n
-    model.train(was_training)
-    if ctx.dist.enabled:
-        for tensor in [*model.backbone.state_dict().values(),
-                       *model.describe_head.state_dict().values()]:
-            torch.distributed.broadcast(tensor, src=0)
-    out = {"describe/steps": steps}
-    out.update({f"train/{k}": sum(r[k] for r in recent) / len(recent) for k in recent[0]})
-    out.update({f"val/{k}": v / len(val) for k, v in sums.items()})
-    return out
+def describe_phase(steps: int) -> Phase:
+    """The step phase that runs :class:`DescribeTask` for ``steps`` steps of
+    :data:`DESCRIBE_BATCH` distinct training images (drawn with replacement, seeded by
+    ``--seed``; Adam at :data:`DESCRIBE_LR` for the CNN and the describe head, cosine decay over
+    the steps), logging the mean terms of every :data:`DESCRIBE_LOG_EVERY` steps (``train/...``)
+    and, at the end, on the validation images (``val/...``)."""
+    return Phase("describe", steps=steps, task="describe", batch_size=DESCRIBE_BATCH,
+                 lrs={"backbone": DESCRIBE_LR, "describe": DESCRIBE_LR}, schedule="cosine",
+                 log_every=DESCRIBE_LOG_EVERY)

@@ -16,7 +16,7 @@ import time
 import numpy as np
 import torch
 
-from .runtime import iterate
+from ..runtime import iterate
 
 
 def predictions(model, dataset, batch_size: int, device, amp: str = "auto") -> np.ndarray:
@@ -41,7 +41,7 @@ def consistency(model, test_dataset, batch_size: int = 128, device=None, limit: 
     questions (one perturbation each)."""
     from torch.utils.data import Subset
 
-    from .data.sort_of_clevr import perturbed_dataset
+    from ..data.sort_of_clevr import perturbed_dataset
 
     device = device if device is not None else next(model.parameters()).device
     perturbed = perturbed_dataset(test_dataset, seed=seed, per_question=1, limit=limit)
