@@ -303,6 +303,8 @@ def evaluate_main(argv=None, prog: str | None = None) -> int:
     p.add_argument("--dataset", help="dataset, for checkpoints without a train_config.json")
     p.add_argument("--data-dir")
     p.add_argument("--batch-size", type=int)
+    p.add_argument("--out", metavar="DIR", help="write metrics.json and report/ here instead of "
+                   "into the run folder (e.g. for a read-only run)")
     args = p.parse_args(argv)
     # Checked before the (long) evaluation, so a typo in a path fails at once.
     missing = [path for path in args.images if not os.path.isfile(path)]
@@ -312,11 +314,11 @@ def evaluate_main(argv=None, prog: str | None = None) -> int:
         raise UserError("--images are explained in the report: drop --no-report")
     overrides = {"dataset": args.dataset, "data_dir": args.data_dir, "batch_size": args.batch_size}
     metrics = evaluate_run(args.run, device=args.device, report=args.report, images=args.images,
-                           overrides=overrides)
+                           overrides=overrides, out_dir=args.out)
     for key, value in metrics.items():
         print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
-    print(f"wrote {args.run}/metrics.json" + (f" and {args.run}/report/index.html"
-                                               if args.report else ""))
+    out = args.out or args.run
+    print(f"wrote {out}/metrics.json" + (f" and {out}/report/index.html" if args.report else ""))
     return 0
 
 

@@ -6,6 +6,7 @@ alone; the data from the run's ``train_config.json`` (or flags for a bare checkp
 """
 from __future__ import annotations
 
+import errno
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -16,7 +17,7 @@ from . import checkpoint
 from .config import RUN_CONFIG, TrainConfig, read_config_json
 from .data.base import pick_examples  # noqa: F401  (re-exported: it lived here before)
 from .errors import UserError
-from .fileio import atomic_write_text
+from .fileio import atomic_write_text, check_writable
 from .metrics import mean_class_accuracy
 from .runtime import iterate, resolve_device
 
@@ -107,10 +108,31 @@ def write_report(model, data, out_dir, metrics: dict, images=None) -> Path:
     return write(model, data, Path(out_dir), metrics, images=images)
 
 
+def _check_out_dir(out_dir: Path, own: bool) -> None:
+    """A one-line error before the (long) evaluation when ``out_dir`` cannot be written."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        check_writable(out_dir)
+    except OSError as exc:
+        raise _cannot_write(out_dir, exc, own) from None
+
+
+def _cannot_write(path: Path, exc: OSError, own: bool) -> UserError:
+    fix = ("free some disk space" if exc.errno in (errno.ENOSPC, errno.EDQUOT)
+           else "make it writable")
+    where = "write metrics and report elsewhere with --out DIR" if own else "choose another --out"
+    return UserError(f"cannot write in '{path}' ({exc.strerror}): {fix}, or {where}")
+
+
 def evaluate_run(run_dir, model=None, data=None, device="auto", report: bool = True,
-                 images: list[str] | None = None, overrides: dict | None = None) -> dict:
-    """Write ``metrics.json`` (and ``report/``) into ``run_dir``; returns the metrics."""
+                 images: list[str] | None = None, overrides: dict | None = None,
+                 out_dir=None) -> dict:
+    """Write ``metrics.json`` (and ``report/``) into ``out_dir`` (default ``run_dir``); returns
+    the metrics. A folder that cannot be written is a one-line error before anything runs."""
     run_dir = Path(run_dir)
+    out = Path(out_dir) if out_dir is not None else run_dir
+    if run_dir.is_dir() or out_dir is not None:
+        _check_out_dir(out, out_dir is None)
     device = resolve_device(device) if isinstance(device, str) else device
     if model is None:
         model = checkpoint.load(run_dir, device)
@@ -123,7 +145,10 @@ def evaluate_run(run_dir, model=None, data=None, device="auto", report: bool = T
         data = build_eval_data(cfg, model)
     check_classes(model, data.class_names, f"dataset '{cfg.dataset}'")
     metrics = model_metrics(model, data, cfg.batch_size, device, cfg.amp)
-    atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
-    if report:
-        write_report(model, data, run_dir / "report", metrics, images=images)
+    try:  # the disk may fill up during the evaluation
+        atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+        if report:
+            write_report(model, data, out / "report", metrics, images=images)
+    except OSError as exc:
+        raise _cannot_write(Path(exc.filename or out), exc, out_dir is None) from None
     return metrics

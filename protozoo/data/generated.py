@@ -13,9 +13,11 @@ not change when the count does, and train and test never share a stream.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -66,6 +68,53 @@ def is_complete(root: Path, expected: dict, keys=COMPLETE_KEYS) -> bool:
     return bool(meta) and all(meta.get(k) == expected[k] for k in keys)
 
 
+MANIFEST = "checksums.sha256"  # `sha256sum -c` reads it; every file but itself and meta.json
+
+
+def _data_files(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                  if p.is_file() and p.relative_to(root).as_posix() not in (MANIFEST, "meta.json"))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(root) -> Path:
+    """Write ``root/checksums.sha256``: the SHA-256 of every file of a generated copy."""
+    root = Path(root)
+    lines = [f"{_sha256(root / rel)}  {rel}\n" for rel in _data_files(root)]
+    (root / MANIFEST).write_text("".join(lines))
+    return root / MANIFEST
+
+
+def damage(root) -> str | None:
+    """What is wrong with the files of a generated copy, checked against its manifest (the
+    number of files, then each checksum), or None when every file is as generated."""
+    root = Path(root)
+    try:
+        listed = dict(reversed(line.split("  ", 1)) for line in
+                      (root / MANIFEST).read_text().splitlines() if line)
+    except (OSError, ValueError):
+        return f"no readable {MANIFEST}"
+    found = _data_files(root)
+    if len(found) != len(listed) or set(found) != set(listed):
+        missing = sorted(set(listed) - set(found))
+        return (f"{len(found)} of {len(listed)} files" + (f", {missing[0]} missing" if missing
+                                                          else ", others added"))
+    for rel in found:
+        try:
+            if _sha256(root / rel) != listed[rel]:
+                return f"{rel} changed"
+        except OSError:
+            return f"{rel} unreadable"
+    return None
+
+
 def ensure_generated(cache_dir, name: str, expected: dict, generate: Callable[[Path], object],
                      keys=COMPLETE_KEYS) -> Path:
     """Return ``cache_dir/name``, calling ``generate(folder)`` only when no complete copy is there.
@@ -77,18 +126,27 @@ def ensure_generated(cache_dir, name: str, expected: dict, generate: Callable[[P
     """
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     final = cache_dir / name
+
+    def valid() -> bool:
+        return is_complete(final, expected, keys) and damage(final) is None
+
     if is_complete(final, expected, keys):
-        return final
+        problem = damage(final)
+        if problem is None:
+            return final
+        print(f"dataset cache '{final}' is damaged ({problem}): generating it again",
+              file=sys.stderr, flush=True)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=cache_dir))
     try:
         generate(tmp)
-        if final.exists() and not is_complete(final, expected, keys):
-            shutil.rmtree(final)  # stale copy from an older generator version
+        write_manifest(tmp)
+        if final.exists() and not valid():
+            shutil.rmtree(final)  # a damaged copy, or one from an older generator version
         try:
             os.replace(tmp, final)
         except OSError:
-            if not is_complete(final, expected, keys):  # lost a race to a broken copy: fail loudly
+            if not valid():  # lost a race to a broken copy: fail loudly
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
