@@ -36,7 +36,7 @@ from .evaluation import PYTHON_DATA, check_classes, model_metrics, write_report
 from .fileio import atomic_write_text
 from .models.base import ZooModel
 from .registry import create_model, saved_kwargs
-from .runfolder import run_folder
+from .runfolder import never_started, run_folder
 from .runtime import DistInfo, resolve_device
 
 # constructor arguments TrainConfig records in fields of their own
@@ -343,6 +343,10 @@ def _resume_state(model, run_dir, cfg: TrainConfig) -> dict:
     if run_dir is None:
         raise UserError("resume=True continues a run folder: pass its run_dir")
     run_dir = Path(run_dir)
+    if never_started(run_dir):
+        raise UserError(f"'{run_dir}' holds no {RUN_CONFIG} (its run was stopped as it started, "
+                        "so nothing is lost): call protozoo.train(..., run_dir) without "
+                        "resume=True; it starts over in place")
     if not (run_dir / RUN_CONFIG).is_file():
         raise UserError(f"'{run_dir}' is not a run folder (no {RUN_CONFIG}); pass the run_dir "
                         "of an earlier protozoo.train run, or drop resume=True")

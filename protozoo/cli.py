@@ -31,6 +31,7 @@ from .evaluation import evaluate_run
 from .models.base import ZooModel
 from .registry import (MODELS, list_models, model_batch_size, model_default, model_task,
                        models_for_task)
+from .runfolder import never_started
 from .version import __version__
 
 TRAIN_DOC = """Train any protozoo model: config -> data -> model -> engine -> report.
@@ -222,6 +223,10 @@ def _resume_overrides(args: argparse.Namespace, cfg: TrainConfig) -> None:
 
 def _resume(args: argparse.Namespace) -> tuple[TrainConfig, dict]:
     run_dir = Path(args.resume)
+    if never_started(run_dir):
+        raise UserError(f"'{run_dir}' holds no {RUN_CONFIG} (its run was stopped as it started, "
+                        f"so nothing is lost): run the same train.py command again with --out "
+                        f"{run_dir}; it starts over in place")
     if not (run_dir / RUN_CONFIG).is_file():
         raise UserError(f"'{run_dir}' is not a run directory (no {RUN_CONFIG}); pass the "
                         "--out folder of an earlier train.py run")

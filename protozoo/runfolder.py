@@ -51,12 +51,35 @@ def has_checkpoint(run_dir: str | os.PathLike) -> bool:
     return (Path(run_dir) / STATE).is_file()
 
 
+def _log_lines(run_dir: Path) -> int:
+    try:
+        return sum(1 for line in (run_dir / "log.jsonl").read_text().splitlines() if line)
+    except (OSError, UnicodeDecodeError):
+        return 0
+
+
 def restartable(run_dir: Path) -> bool:
-    """Does ``run_dir`` hold only what a run stopped before its first checkpoint leaves (its
-    config, log, curves, lock and temporary files), so a new run may start over in place?"""
+    """Does ``run_dir`` hold only what a run stopped before its first checkpoint leaves, so a
+    new run may start over in place? That is: nothing but a lock and temporary files (stopped
+    as it started); or its config, log and curves (stopped in its first epoch); or those and
+    the model of that one epoch without its resume state (stopped during the first checkpoint:
+    one log record at most, so a trained run whose state was deleted never qualifies)."""
     names = {p.name for p in run_dir.iterdir()} - {LOCK}
     names -= {p.name for p in stale_temps(run_dir)}
-    return RUN_CONFIG in names and names <= LEFTOVERS
+    if not names:
+        return True
+    if RUN_CONFIG not in names or STATE in names:
+        return False
+    if names <= LEFTOVERS:
+        return True
+    return names <= LEFTOVERS | {"model.safetensors", "config.json"} and _log_lines(run_dir) <= 1
+
+
+def never_started(run_dir: Path) -> bool:
+    """Is ``run_dir`` a run folder whose run was stopped before it wrote its config (it holds
+    only the lock and temporary files)?"""
+    return run_dir.is_dir() and any(run_dir.iterdir()) and restartable(run_dir) and \
+        not (run_dir / RUN_CONFIG).exists()
 
 
 def _cannot_write(run_dir: Path, exc: OSError, cli: bool) -> RunFolderError:
