@@ -53,6 +53,8 @@ def build_eval_data(cfg: TrainConfig, model):
                       mean=model.mean, std=model.std, num_classes=cfg.num_classes, seed=cfg.seed,
                       val_fraction=cfg.val_fraction, augment=False, cache_dir=cfg.cache_dir,
                       num_train=cfg.num_train, num_test=cfg.num_test,
+                      # each test image is read once: streamed, memory does not grow with them
+                      test_preload=False,
                       **model.data_args())  # e.g. the words a model encodes questions with
 
 

@@ -71,9 +71,14 @@ def is_complete(root: Path, expected: dict, keys=COMPLETE_KEYS) -> bool:
 MANIFEST = "checksums.sha256"  # `sha256sum -c` reads it; every file but itself and meta.json
 
 
-def _data_files(root: Path) -> list[str]:
-    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
-                  if p.is_file() and p.relative_to(root).as_posix() not in (MANIFEST, "meta.json"))
+def _data_files(root: Path):
+    """The files of a generated copy but meta.json and the manifest, as relative posix paths
+    (a generator: a large copy is checked without a list of its names in memory)."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            rel = Path(folder, name).relative_to(root).as_posix()
+            if rel not in (MANIFEST, "meta.json"):
+                yield rel
 
 
 def _sha256(path: Path) -> str:
@@ -87,31 +92,36 @@ def _sha256(path: Path) -> str:
 def write_manifest(root) -> Path:
     """Write ``root/checksums.sha256``: the SHA-256 of every file of a generated copy."""
     root = Path(root)
-    lines = [f"{_sha256(root / rel)}  {rel}\n" for rel in _data_files(root)]
+    lines = [f"{_sha256(root / rel)}  {rel}\n" for rel in sorted(_data_files(root))]
     (root / MANIFEST).write_text("".join(lines))
     return root / MANIFEST
 
 
 def damage(root) -> str | None:
     """What is wrong with the files of a generated copy, checked against its manifest (the
-    number of files, then each checksum), or None when every file is as generated."""
+    number of files, then each listed file's checksum), or None when every file is as
+    generated. Streams the manifest: memory does not grow with the copy."""
     root = Path(root)
+    found = sum(1 for _ in _data_files(root))
+    listed = 0
     try:
-        listed = dict(reversed(line.split("  ", 1)) for line in
-                      (root / MANIFEST).read_text().splitlines() if line)
-    except (OSError, ValueError):
+        with open(root / MANIFEST) as fh:
+            for line in fh:
+                digest, sep, rel = line.rstrip("\n").partition("  ")
+                if not sep:
+                    return f"{MANIFEST} is damaged"
+                listed += 1
+                try:
+                    if _sha256(root / rel) != digest:
+                        return f"{rel} changed"
+                except FileNotFoundError:
+                    return f"{found} files where {MANIFEST} lists more, {rel} missing"
+                except OSError:
+                    return f"{rel} unreadable"
+    except OSError:
         return f"no readable {MANIFEST}"
-    found = _data_files(root)
-    if len(found) != len(listed) or set(found) != set(listed):
-        missing = sorted(set(listed) - set(found))
-        return (f"{len(found)} of {len(listed)} files" + (f", {missing[0]} missing" if missing
-                                                          else ", others added"))
-    for rel in found:
-        try:
-            if _sha256(root / rel) != listed[rel]:
-                return f"{rel} changed"
-        except OSError:
-            return f"{rel} unreadable"
+    if found != listed:  # every listed file is there, so the others were added
+        return f"{found} files where {MANIFEST} lists {listed}"
     return None
 
 
