@@ -429,3 +429,23 @@ def test_9_two_trainings_in_one_folder_at_once(tmp_path, monkeypatch, capsys):
     assert second["rc"] == 2
     assert "is being written by another training (pid " in _one_error_line(second["err"])
     assert "train_state.pt" in _names(tmp_path / "run")
+
+
+# ----------------------------------------------------------------------------- memory
+def test_evaluation_streams_the_test_split(tmp_path, monkeypatch):
+    """evaluate.py reads each test image once: its memory must not grow with the test set's
+    pixels (docs/hardening.md measures it at 4,000 and 16,000 images), so the test split is not
+    decoded into memory up front; a training run still preloads it."""
+    from protozoo.data import build_data
+    from protozoo.evaluation import build_eval_data
+
+    cfg = protozoo.config.TrainConfig(model="cam", dataset="synthetic-parts", image_size=24,
+                                      num_classes=2, num_train=6, num_test=4,
+                                      cache_dir=str(tmp_path))
+    model = protozoo.create_model("cam", backbone="tiny_cnn", num_classes=2)
+    data = build_eval_data(cfg, model)
+    assert data.test._store.images is None and data.push._store.images is not None
+    assert len(data.test) == 4 and data.test[3]["image"].shape == (3, 24, 24)
+    trained = build_data("synthetic-parts", image_size=24, num_classes=2, num_train=6,
+                         num_test=4, cache_dir=tmp_path)
+    assert trained.test._store.images is not None
