@@ -112,11 +112,16 @@ def write_report(model, data, out_dir, metrics: dict, images=None) -> Path:
 
 def _check_out_dir(out_dir: Path, own: bool) -> None:
     """A one-line error before the (long) evaluation when ``out_dir`` cannot be written."""
+    existing = out_dir  # a new --out folder is made when the results are written, not now
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"'{out_dir}' lies inside the file '{existing}': choose a folder for "
+                        "--out")
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        check_writable(out_dir)
+        check_writable(existing)
     except OSError as exc:
-        raise _cannot_write(out_dir, exc, own) from None
+        raise _cannot_write(existing, exc, own) from None
 
 
 def _cannot_write(path: Path, exc: OSError, own: bool) -> UserError:
@@ -148,6 +153,7 @@ def evaluate_run(run_dir, model=None, data=None, device="auto", report: bool = T
     check_classes(model, data.class_names, f"dataset '{cfg.dataset}'")
     metrics = model_metrics(model, data, cfg.batch_size, device, cfg.amp)
     try:  # the disk may fill up during the evaluation
+        out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
         if report:
             write_report(model, data, out / "report", metrics, images=images)
