@@ -19,6 +19,7 @@ forward pass with its loss on two items.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -35,6 +36,7 @@ from .evaluation import PYTHON_DATA, check_classes, model_metrics, write_report
 from .fileio import atomic_write_text
 from .models.base import ZooModel
 from .registry import create_model, saved_kwargs
+from .runfolder import never_started, run_folder
 from .runtime import DistInfo, resolve_device
 
 # constructor arguments TrainConfig records in fields of their own
@@ -229,33 +231,44 @@ def run_training(cfg: TrainConfig, model, data: DataBundle, run_dir, dist: DistI
                  resume: dict | None = None, cli: bool = False) -> list[dict]:
     """What :func:`train` and ``train.py`` share: a new run checks the schedule and one forward
     pass before its folder is made (``run_dir`` None: no files), writes its config, prints the
-    data and the schedule in full, then runs the engine; a resumed run continues its folder."""
+    data and the schedule in full, then runs the engine; a resumed run continues its folder.
+    The folder is held by :func:`protozoo.runfolder.run_folder` throughout: one writer, and a
+    run that fails before its first checkpoint leaves no folder behind."""
     if resume is None:
         model.backbone.check_input(torch.zeros(1, 3, data.image_size, data.image_size))
         dry_run(model, data, cfg, cli)
-        run_dir = prepare_run_dir(run_dir, dist, cli)
+        run_dir = agree_run_dir(run_dir, dist)
     elif run_dir is not None:
         run_dir = Path(run_dir)
     model.metadata["image_size"] = data.image_size
-    if dist.is_main:
-        if run_dir is not None:
+    with contextlib.ExitStack() as stack:
+        error = None
+        if run_dir is not None and dist.is_main:
             try:
-                run_dir.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                flag = "--out" if cli else "run_dir"
-                raise UserError(f"cannot create the run folder '{run_dir}' ({exc.strerror}); "
-                                f"choose a writable {flag}") from None
-            cfg.out = str(run_dir)
-            cfg.save(run_dir / RUN_CONFIG)
-        items, classes = (("questions", "answers") if data.vocab is not None
-                          else ("images", "classes"))
-        where = f", run {run_dir}" if run_dir is not None else ""
-        print(f"training {cfg.model} ({cfg.backbone}) on {cfg.dataset}: {len(data.train)} train "
-              f"/ {len(data.val)} val" + (f" / {len(data.test)} test" if cli else "")
-              + f" {items}, {len(data.class_names)} {classes}, device {dist.device}{where}",
-              flush=True)
-        print(f"schedule ({cfg.schedule}):\n{describe_schedule(model.phases(cfg))}", flush=True)
-    return Trainer(cfg, model, data, run_dir, dist).fit(resume)
+                stack.enter_context(run_folder(run_dir, new=resume is None, cli=cli))
+            except UserError as exc:
+                error = exc
+        if dist.enabled and run_dir is not None:  # every process stops, not only rank 0
+            holder = [None if error is None else str(error)]
+            torch.distributed.broadcast_object_list(holder, src=0)
+            if error is None and holder[0] is not None:
+                error = UserError(holder[0])
+        if error is not None:
+            raise error
+        if dist.is_main:
+            if run_dir is not None:
+                cfg.out = str(run_dir)
+                cfg.save(run_dir / RUN_CONFIG)
+            items, classes = (("questions", "answers") if data.vocab is not None
+                              else ("images", "classes"))
+            where = f", run {run_dir}" if run_dir is not None else ""
+            print(f"training {cfg.model} ({cfg.backbone}) on {cfg.dataset}: {len(data.train)} "
+                  f"train / {len(data.val)} val" + (f" / {len(data.test)} test" if cli else "")
+                  + f" {items}, {len(data.class_names)} {classes}, device {dist.device}{where}",
+                  flush=True)
+            print(f"schedule ({cfg.schedule}):\n{describe_schedule(model.phases(cfg))}",
+                  flush=True)
+        return Trainer(cfg, model, data, run_dir, dist).fit(resume)
 
 
 def dry_run(model, data, cfg: TrainConfig, cli: bool = False) -> None:
@@ -288,25 +301,13 @@ def dry_run(model, data, cfg: TrainConfig, cli: bool = False) -> None:
         model.train(was_training)
 
 
-def prepare_run_dir(run_dir, dist: DistInfo, cli: bool = False) -> Path | None:
-    """The run folder, checked to be new (and agreed on by every process under DDP)."""
+def agree_run_dir(run_dir, dist: DistInfo) -> Path | None:
+    """The run folder every process uses (rank 0's, under DDP); rank 0 alone writes it."""
     if dist.enabled:  # every process must agree on the folder
         holder = [None if run_dir is None else str(run_dir)]
         torch.distributed.broadcast_object_list(holder, src=0)
         run_dir = holder[0]
-    if run_dir is None:
-        return None
-    run_dir = Path(run_dir)
-    flag, again = ("--out", f"--resume {run_dir}") if cli else ("run_dir", "resume=True")
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"{flag} '{run_dir}' is a file; a run is a folder: choose another "
-                        f"{flag}")
-    if run_dir.exists() and any(run_dir.iterdir()):  # every process stops, not only rank 0
-        raise UserError(f"run directory '{run_dir}' already exists; continue it with {again} "
-                        f"or choose another {flag}")
-    if dist.enabled:  # nobody writes into the folder before every process has checked it
-        torch.distributed.barrier()
-    return run_dir
+    return None if run_dir is None else Path(run_dir)
 
 
 def default_run_dir(cfg: TrainConfig) -> str:
@@ -342,11 +343,15 @@ def _resume_state(model, run_dir, cfg: TrainConfig) -> dict:
     if run_dir is None:
         raise UserError("resume=True continues a run folder: pass its run_dir")
     run_dir = Path(run_dir)
+    if never_started(run_dir):
+        raise UserError(f"'{run_dir}' holds no {RUN_CONFIG} (its run was stopped as it started, "
+                        "so nothing is lost): call protozoo.train(..., run_dir) without "
+                        "resume=True; it starts over in place")
     if not (run_dir / RUN_CONFIG).is_file():
         raise UserError(f"'{run_dir}' is not a run folder (no {RUN_CONFIG}); pass the run_dir "
                         "of an earlier protozoo.train run, or drop resume=True")
     saved = read_run_config(run_dir)
-    state = read_resume_state(run_dir)
+    state = read_resume_state(run_dir, cli=False)
     if state["model_name"] != model.model_name:
         raise UserError(f"'{run_dir}' holds a '{state['model_name']}' model, not a "
                         f"'{model.model_name}': pass the model it trained, or another run_dir")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, UserError
 from .fileio import atomic_path, atomic_write_text
 from .registry import create_model, saved_kwargs
 from .runtime import resolve_device
@@ -84,6 +84,9 @@ def read_config(run_dir: str | os.PathLike) -> dict:
     if missing:
         raise CheckpointError(f"'{path}' lacks {', '.join(missing)}: it is not a protozoo "
                               "checkpoint config (or was edited); restore it or re-save the model")
+    if not isinstance(config["kwargs"], dict) or not isinstance(config["class_names"], list):
+        raise CheckpointError(f"'{path}' must hold kwargs as an object and class_names as a "
+                              "list: it was edited; restore it or re-save the model")
     version = config.get("format_version")
     if version != FORMAT_VERSION:
         raise CheckpointError(f"'{path}' has format version {version}, this protozoo reads "
@@ -108,9 +111,24 @@ def load(run_dir: str | os.PathLike, device: str | torch.device = "cpu"):
     kwargs = dict(config["kwargs"])
     if "pretrained" in kwargs:
         kwargs["pretrained"] = False  # the weights come from the checkpoint, never the network
-    model = create_model(config["model"], **saved_kwargs(config["model"], kwargs))
+    try:  # an edited config.json (num_classes against class_names, a wrong type) fails here
+        model = create_model(config["model"], **saved_kwargs(config["model"], kwargs))
+    except CheckpointError:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, RuntimeError, UserError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"'{run_dir / CONFIG}' does not describe a model that can be "
+                              f"built ({first}): it was edited or damaged; restore it from a "
+                              "copy, or re-save the model") from None
     model.init_kwargs = {k: v for k, v in config["kwargs"].items() if k != "class_names"}
     model.class_names = list(config["class_names"])
     model.metadata = dict(config.get("metadata") or {})
-    load_state(model, load_file(str(weights)), source=str(weights))
+    try:
+        state = load_file(str(weights))
+    except Exception as exc:  # safetensors' SafetensorError: truncated or not safetensors
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"'{weights}' cannot be read ({first}): the weights file is "
+                              "truncated or damaged; restore it from a copy, or re-save the "
+                              "model (an unfinished run rewrites it: train.py --resume)") from None
+    load_state(model, state, source=str(weights))
     return model.to(device).eval()

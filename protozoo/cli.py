@@ -31,6 +31,7 @@ from .evaluation import evaluate_run
 from .models.base import ZooModel
 from .registry import (MODELS, list_models, model_batch_size, model_default, model_task,
                        models_for_task)
+from .runfolder import never_started
 from .version import __version__
 
 TRAIN_DOC = """Train any protozoo model: config -> data -> model -> engine -> report.
@@ -222,6 +223,10 @@ def _resume_overrides(args: argparse.Namespace, cfg: TrainConfig) -> None:
 
 def _resume(args: argparse.Namespace) -> tuple[TrainConfig, dict]:
     run_dir = Path(args.resume)
+    if never_started(run_dir):
+        raise UserError(f"'{run_dir}' holds no {RUN_CONFIG} (its run was stopped as it started, "
+                        f"so nothing is lost): run the same train.py command again with --out "
+                        f"{run_dir}; it starts over in place")
     if not (run_dir / RUN_CONFIG).is_file():
         raise UserError(f"'{run_dir}' is not a run directory (no {RUN_CONFIG}); pass the "
                         "--out folder of an earlier train.py run")
@@ -303,6 +308,8 @@ def evaluate_main(argv=None, prog: str | None = None) -> int:
     p.add_argument("--dataset", help="dataset, for checkpoints without a train_config.json")
     p.add_argument("--data-dir")
     p.add_argument("--batch-size", type=int)
+    p.add_argument("--out", metavar="DIR", help="write metrics.json and report/ here instead of "
+                   "into the run folder (e.g. for a read-only run)")
     args = p.parse_args(argv)
     # Checked before the (long) evaluation, so a typo in a path fails at once.
     missing = [path for path in args.images if not os.path.isfile(path)]
@@ -312,11 +319,11 @@ def evaluate_main(argv=None, prog: str | None = None) -> int:
         raise UserError("--images are explained in the report: drop --no-report")
     overrides = {"dataset": args.dataset, "data_dir": args.data_dir, "batch_size": args.batch_size}
     metrics = evaluate_run(args.run, device=args.device, report=args.report, images=args.images,
-                           overrides=overrides)
+                           overrides=overrides, out_dir=args.out)
     for key, value in metrics.items():
         print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
-    print(f"wrote {args.run}/metrics.json" + (f" and {args.run}/report/index.html"
-                                               if args.report else ""))
+    out = args.out or args.run
+    print(f"wrote {out}/metrics.json" + (f" and {out}/report/index.html" if args.report else ""))
     return 0
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import types
 import typing
@@ -148,6 +149,10 @@ class TrainConfig:
     def check(self, source: str = "config") -> None:
         """One-line UserErrors for values no run can use (``--epochs 0``, a negative learning
         rate, an unknown ``--amp``), before anything is built or written."""
+        for name, value in self._numbers():  # NaN passes every "<= 0" test, inf every ">= 1"
+            if not math.isfinite(value):
+                raise UserError(f"{name} in {source} must be a finite number, got {value}; fix "
+                                "the value (nan and inf are not numbers a run can use)")
         for name, low, inclusive in self._LIMITS:
             value = getattr(self, name)
             if value is not None and (value < low if inclusive else value <= low):
@@ -161,6 +166,19 @@ class TrainConfig:
             if isinstance(weight, bool) or not isinstance(weight, (int, float)):
                 raise UserError(f"loss weight '{term}' in {source} must be a number, got "
                                 f"{weight!r}; e.g. --loss-weight {term}=0.8")
+
+    def _numbers(self):
+        """``(how an error names it, value)`` for every float the config holds: the float
+        fields, the loss weights and the numeric model arguments."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float):
+                yield f"'{f.name}'", value
+        for what, values in (("loss weight", self.loss_weights), ("model argument",
+                                                                   self.model_args)):
+            for key, value in (values.items() if isinstance(values, dict) else ()):
+                if isinstance(value, float):
+                    yield f"{what} '{key}'", value
 
     def save(self, path: Path) -> None:
         from .fileio import atomic_write_text

@@ -55,6 +55,7 @@ from . import checkpoint
 from .config import Phase, TrainConfig
 from .errors import UserError
 from .fileio import atomic_path, atomic_write_text
+from .runfolder import write_failed
 # re-exported: the device and inference helpers lived here before protozoo.runtime
 from .runtime import (DistInfo, all_reduce_sums, autocast_for, iterate,  # noqa: F401
                       resolve_device, setup_distributed, shard, to_device)
@@ -131,8 +132,11 @@ class Trainer:
     def _log(self, record: dict) -> None:
         self.log_records.append(record)
         if self._write():
-            with open(self.run_dir / LOG, "a") as handle:
-                handle.write(json.dumps(record) + "\n")
+            try:
+                with open(self.run_dir / LOG, "a") as handle:
+                    handle.write(json.dumps(record) + "\n")
+            except OSError as exc:
+                raise write_failed(self.run_dir / LOG, exc) from None
             if time.monotonic() - self._plotted >= CURVES_EVERY_S:
                 self._plot()
         summary = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
@@ -144,13 +148,21 @@ class Trainer:
         if self._write():
             from .render.curves import plot_curves
 
-            plot_curves(self.log_records, self.run_dir / "curves.png")
+            try:
+                plot_curves(self.log_records, self.run_dir / "curves.png")
+            except OSError as exc:
+                raise write_failed(self.run_dir / "curves.png", exc) from None
         self._plotted = time.monotonic()
 
     def _checkpoint(self, position: dict, optimizer=None, scaler=None) -> None:
         if not self._write():
             return
-        checkpoint.save(self.model, self.run_dir, image_size=self.data.image_size)
+        try:
+            checkpoint.save(self.model, self.run_dir, image_size=self.data.image_size)
+        except UserError:
+            raise
+        except Exception as exc:  # a full disk: OSError, or safetensors' own error
+            raise write_failed(self.run_dir / checkpoint.WEIGHTS, exc) from None
         state = {
             "position": position,
             "model_name": self.model.model_name,
@@ -161,8 +173,11 @@ class Trainer:
             "scaler": scaler.state_dict() if scaler is not None else None,
             "log": json.dumps(self.log_records),
         }
-        with atomic_path(self.run_dir / STATE) as tmp:
-            torch.save(state, tmp)
+        try:
+            with atomic_path(self.run_dir / STATE) as tmp:
+                torch.save(state, tmp)
+        except Exception as exc:  # torch's writer reports a full disk as a RuntimeError
+            raise write_failed(self.run_dir / STATE, exc) from None
 
     # -- the loop
     def fit(self, resume: dict | None = None) -> list[dict]:
@@ -247,8 +262,8 @@ class Trainer:
         """One optimiser step on ``loss`` (scaled for fp16), every phase's."""
         optimizer.zero_grad(set_to_none=True)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss.item()} in phase '{phase.name}'; "
-                                     "lower --lr or use --amp off")
+            raise TrainingDiverged(f"loss became {loss.item()} in phase '{phase.name}': lower "
+                                   "--lr or use --amp off")
         (scaler.scale(loss) if scaler else loss).backward()
         if scaler:
             scaler.step(optimizer)
@@ -564,11 +579,21 @@ def _scheduled_lr(base: float, phase: Phase, epoch: int) -> float:
     return base
 
 
-def read_resume_state(run_dir: Path) -> dict:
+class TrainingDiverged(UserError, FloatingPointError):
+    """The loss became NaN or infinite: the run cannot go on with its settings, so ``--resume``
+    is no way on (it keeps them)."""
+
+    resumable = False
+
+
+def read_resume_state(run_dir: Path, cli: bool = True) -> dict:
     path = Path(run_dir) / STATE
     if not path.is_file():
-        raise UserError(f"'{run_dir}' has no {STATE} to resume from (it was killed before its "
-                        "first epoch ended); start it again without --resume")
+        again = (f"run the same train.py command again with --out {run_dir}" if cli else
+                 f"call protozoo.train(..., run_dir='{run_dir}') without resume=True")
+        raise UserError(f"'{run_dir}' has no {STATE} to resume from (it stopped before its "
+                        f"first epoch ended, so nothing is lost): {again}; a run folder without "
+                        "a checkpoint starts over in place")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # truncated, overwritten, or not a torch file at all

@@ -28,7 +28,7 @@ def run_cli(main, argv=None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: the last completed epoch is saved; continue with --resume RUN_DIR",
-              file=sys.stderr)
+    except KeyboardInterrupt as exc:  # a run says what it kept (protozoo.runfolder)
+        print(exc.args[0] if exc.args else "interrupted: the last completed epoch is saved; "
+              "continue with --resume RUN_DIR", file=sys.stderr)
         return 130

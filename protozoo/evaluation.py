@@ -6,6 +6,7 @@ alone; the data from the run's ``train_config.json`` (or flags for a bare checkp
 """
 from __future__ import annotations
 
+import errno
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -16,7 +17,7 @@ from . import checkpoint
 from .config import RUN_CONFIG, TrainConfig, read_config_json
 from .data.base import pick_examples  # noqa: F401  (re-exported: it lived here before)
 from .errors import UserError
-from .fileio import atomic_write_text
+from .fileio import atomic_write_text, check_writable
 from .metrics import mean_class_accuracy
 from .runtime import iterate, resolve_device
 
@@ -52,6 +53,8 @@ def build_eval_data(cfg: TrainConfig, model):
                       mean=model.mean, std=model.std, num_classes=cfg.num_classes, seed=cfg.seed,
                       val_fraction=cfg.val_fraction, augment=False, cache_dir=cfg.cache_dir,
                       num_train=cfg.num_train, num_test=cfg.num_test,
+                      # each test image is read once: streamed, memory does not grow with them
+                      test_preload=False,
                       **model.data_args())  # e.g. the words a model encodes questions with
 
 
@@ -107,10 +110,36 @@ def write_report(model, data, out_dir, metrics: dict, images=None) -> Path:
     return write(model, data, Path(out_dir), metrics, images=images)
 
 
+def _check_out_dir(out_dir: Path, own: bool) -> None:
+    """A one-line error before the (long) evaluation when ``out_dir`` cannot be written."""
+    existing = out_dir  # a new --out folder is made when the results are written, not now
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"'{out_dir}' lies inside the file '{existing}': choose a folder for "
+                        "--out")
+    try:
+        check_writable(existing)
+    except OSError as exc:
+        raise _cannot_write(existing, exc, own) from None
+
+
+def _cannot_write(path: Path, exc: OSError, own: bool) -> UserError:
+    fix = ("free some disk space" if exc.errno in (errno.ENOSPC, errno.EDQUOT)
+           else "make it writable")
+    where = "write metrics and report elsewhere with --out DIR" if own else "choose another --out"
+    return UserError(f"cannot write in '{path}' ({exc.strerror}): {fix}, or {where}")
+
+
 def evaluate_run(run_dir, model=None, data=None, device="auto", report: bool = True,
-                 images: list[str] | None = None, overrides: dict | None = None) -> dict:
-    """Write ``metrics.json`` (and ``report/``) into ``run_dir``; returns the metrics."""
+                 images: list[str] | None = None, overrides: dict | None = None,
+                 out_dir=None) -> dict:
+    """Write ``metrics.json`` (and ``report/``) into ``out_dir`` (default ``run_dir``); returns
+    the metrics. A folder that cannot be written is a one-line error before anything runs."""
     run_dir = Path(run_dir)
+    out = Path(out_dir) if out_dir is not None else run_dir
+    if run_dir.is_dir() or out_dir is not None:
+        _check_out_dir(out, out_dir is None)
     device = resolve_device(device) if isinstance(device, str) else device
     if model is None:
         model = checkpoint.load(run_dir, device)
@@ -123,7 +152,11 @@ def evaluate_run(run_dir, model=None, data=None, device="auto", report: bool = T
         data = build_eval_data(cfg, model)
     check_classes(model, data.class_names, f"dataset '{cfg.dataset}'")
     metrics = model_metrics(model, data, cfg.batch_size, device, cfg.amp)
-    atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
-    if report:
-        write_report(model, data, run_dir / "report", metrics, images=images)
+    try:  # the disk may fill up during the evaluation
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+        if report:
+            write_report(model, data, out / "report", metrics, images=images)
+    except OSError as exc:
+        raise _cannot_write(Path(exc.filename or out), exc, out_dir is None) from None
     return metrics

@@ -250,7 +250,7 @@ def _generated(ensure, a: dict):
     common = dict(image_size=a["image_size"], mean=a["mean"], std=a["std"],
                   class_names=meta["class_names"])
     train = load_split_folder(root / "train", **common)
-    test = load_split_folder(root / "test", **common)
+    test = load_split_folder(root / "test", preload=a["test_preload"], **common)
     return train, test, {"root": str(root), "meta": meta}
 
 
@@ -274,7 +274,8 @@ def _image_folder(a: dict):
     train_idx = _subset_indices(labels, a["num_train"], a["seed"])
     train = load_split_folder(train_root, indices=train_idx, **common)
     test_idx = _subset_indices(test_labels, a["num_test"], a["seed"])
-    test = load_split_folder(test_root, class_names=names, indices=test_idx, **common)
+    test = load_split_folder(test_root, class_names=names, indices=test_idx,
+                             preload=a["test_preload"], **common)
     return train, test, {"root": str(root)}
 
 
@@ -285,7 +286,8 @@ def _cub(a: dict):
         cub_labels(root, "train"), a["num_train"], a["seed"]), **common)
     _check_classes(a["num_classes"], train.class_names, "cub")
     test = CUBDataset(root, "test", indices=_subset_indices(
-        cub_labels(root, "test"), a["num_test"], a["seed"]), **common)
+        cub_labels(root, "test"), a["num_test"], a["seed"]), preload=a["test_preload"],
+        **common)
     facts = {"root": str(root), "class_attributes": train.class_attributes,
              "attribute_names": train.attribute_names}
     return train, test, facts
@@ -327,7 +329,8 @@ def _wrap_split(dataset, what: str, a: dict, class_names=None):
 
 def build_data(name: str, *, data_dir=None, image_size=None, mean=(0.5,) * 3, std=(0.5,) * 3,
                num_classes=None, seed: int = 0, val_fraction: float = 0.1, augment: bool = False,
-               cache_dir=None, num_train=None, num_test=None, vocab=None) -> DataBundle:
+               cache_dir=None, num_train=None, num_test=None, vocab=None,
+               test_preload="auto") -> DataBundle:
     """Build train/val/test/push for dataset ``name`` (see :func:`list_datasets`).
 
     ``image_size`` defaults per dataset (synthetic-parts and synthetic-birds 64, digits 32,
@@ -342,6 +345,10 @@ def build_data(name: str, *, data_dir=None, image_size=None, mean=(0.5,) * 3, st
     VQA data (sort-of-clevr, clevr; see :mod:`protozoo.data.clevr`): ``num_train``/``num_test``
     count images (scenes), ``val`` holds out whole images, ``vocab`` (a model's word list)
     encodes the questions instead of the vocabulary built from the training questions.
+    ``test_preload``: whether the test images of an image-file dataset (synthetic-parts,
+    synthetic-birds, folder, cub) are decoded into memory up front ("auto": when they fit in
+    :data:`protozoo.data.base.PRELOAD_LIMIT_BYTES`); ``evaluate.py`` reads each test image
+    once, so it passes False and its memory does not grow with the test set.
     """
     entry = dataset_entry(name)
     _check_fraction(val_fraction)
@@ -350,7 +357,7 @@ def build_data(name: str, *, data_dir=None, image_size=None, mean=(0.5,) * 3, st
         _check_image_size(size)
     args = dict(data_dir=data_dir, image_size=size, mean=mean, std=std, num_classes=num_classes,
                 seed=int(seed), cache_dir=cache_dir, num_train=num_train, num_test=num_test,
-                vocab=vocab)
+                vocab=vocab, test_preload=test_preload)
     train_full, test, *rest = entry.loader(args)
     facts = rest[0] if rest else {}
     train_full = _wrap_split(train_full, f"dataset '{name}' (train)", args)

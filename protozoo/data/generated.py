@@ -13,9 +13,11 @@ not change when the count does, and train and test never share a stream.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -66,6 +68,63 @@ def is_complete(root: Path, expected: dict, keys=COMPLETE_KEYS) -> bool:
     return bool(meta) and all(meta.get(k) == expected[k] for k in keys)
 
 
+MANIFEST = "checksums.sha256"  # `sha256sum -c` reads it; every file but itself and meta.json
+
+
+def _data_files(root: Path):
+    """The files of a generated copy but meta.json and the manifest, as relative posix paths
+    (a generator: a large copy is checked without a list of its names in memory)."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            rel = Path(folder, name).relative_to(root).as_posix()
+            if rel not in (MANIFEST, "meta.json"):
+                yield rel
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(root) -> Path:
+    """Write ``root/checksums.sha256``: the SHA-256 of every file of a generated copy."""
+    root = Path(root)
+    lines = [f"{_sha256(root / rel)}  {rel}\n" for rel in sorted(_data_files(root))]
+    (root / MANIFEST).write_text("".join(lines))
+    return root / MANIFEST
+
+
+def damage(root) -> str | None:
+    """What is wrong with the files of a generated copy, checked against its manifest (the
+    number of files, then each listed file's checksum), or None when every file is as
+    generated. Streams the manifest: memory does not grow with the copy."""
+    root = Path(root)
+    found = sum(1 for _ in _data_files(root))
+    listed = 0
+    try:
+        with open(root / MANIFEST) as fh:
+            for line in fh:
+                digest, sep, rel = line.rstrip("\n").partition("  ")
+                if not sep:
+                    return f"{MANIFEST} is damaged"
+                listed += 1
+                try:
+                    if _sha256(root / rel) != digest:
+                        return f"{rel} changed"
+                except FileNotFoundError:
+                    return f"{found} files where {MANIFEST} lists more, {rel} missing"
+                except OSError:
+                    return f"{rel} unreadable"
+    except OSError:
+        return f"no readable {MANIFEST}"
+    if found != listed:  # every listed file is there, so the others were added
+        return f"{found} files where {MANIFEST} lists {listed}"
+    return None
+
+
 def ensure_generated(cache_dir, name: str, expected: dict, generate: Callable[[Path], object],
                      keys=COMPLETE_KEYS) -> Path:
     """Return ``cache_dir/name``, calling ``generate(folder)`` only when no complete copy is there.
@@ -77,18 +136,27 @@ def ensure_generated(cache_dir, name: str, expected: dict, generate: Callable[[P
     """
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     final = cache_dir / name
+
+    def valid() -> bool:
+        return is_complete(final, expected, keys) and damage(final) is None
+
     if is_complete(final, expected, keys):
-        return final
+        problem = damage(final)
+        if problem is None:
+            return final
+        print(f"dataset cache '{final}' is damaged ({problem}): generating it again",
+              file=sys.stderr, flush=True)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=cache_dir))
     try:
         generate(tmp)
-        if final.exists() and not is_complete(final, expected, keys):
-            shutil.rmtree(final)  # stale copy from an older generator version
+        write_manifest(tmp)
+        if final.exists() and not valid():
+            shutil.rmtree(final)  # a damaged copy, or one from an older generator version
         try:
             os.replace(tmp, final)
         except OSError:
-            if not is_complete(final, expected, keys):  # lost a race to a broken copy: fail loudly
+            if not valid():  # lost a race to a broken copy: fail loudly
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
