@@ -258,12 +258,13 @@ class Trainer:
         return DistributedDataParallel(module, device_ids=ids)
 
     @staticmethod
-    def _optimise(loss: torch.Tensor, optimizer, scaler, phase: Phase) -> None:
-        """One optimiser step on ``loss`` (scaled for fp16), every phase's."""
+    def _optimise(loss: torch.Tensor, optimizer, scaler, phase: Phase, where: str) -> None:
+        """One optimiser step on ``loss`` (scaled for fp16), every phase's; ``where`` names the
+        epoch or step for the message of a loss that is not finite."""
         optimizer.zero_grad(set_to_none=True)
         if not torch.isfinite(loss):
-            raise TrainingDiverged(f"loss became {loss.item()} in phase '{phase.name}': lower "
-                                   "--lr or use --amp off")
+            raise TrainingDiverged(f"loss became {loss.item()} in phase '{phase.name}' "
+                                   f"({where}): lower --lr or use --amp off")
         (scaler.scale(loss) if scaler else loss).backward()
         if scaler:
             scaler.step(optimizer)
@@ -317,7 +318,7 @@ class Trainer:
             with autocast:
                 output = net(*self.model.inputs(batch))
                 terms = self.model.objective(output, batch, **phase.loss_weights)
-            self._optimise(terms["loss"], optimizer, scaler, phase)
+            self._optimise(terms["loss"], optimizer, scaler, phase, f"epoch {global_epoch + 1}")
             _accumulate(sums, terms, output, batch)
         return _averages(sums, self.dist)
 
@@ -362,7 +363,7 @@ class Trainer:
                 batch = to_device(batch, self.dist.device)
                 with autocast:
                     terms = net(batch)
-                self._optimise(terms["loss"], optimizer, scaler, phase)
+                self._optimise(terms["loss"], optimizer, scaler, phase, f"step {step + 1}")
                 for name, value in terms.items():
                     sums[name] += value.detach().double()
                 sums["count"] += 1
