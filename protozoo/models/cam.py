@@ -48,6 +48,10 @@ class CAMNet(ZooModel):
         cams = torch.einsum("kc,bchw->bkhw", self.fc.weight.to(features.dtype), features)
         return CAMOutput(logits=logits, stride=self.stride, features=features, cams=cams)
 
+    def intrinsic_map(self, output: CAMOutput, target: torch.Tensor) -> torch.Tensor:
+        """The class activation map of class ``target[b]``, ``[B, h, w]``."""
+        return output.cams[torch.arange(len(target), device=target.device), target]
+
     def explanation_metrics(self, output: CAMOutput, batch: dict) -> dict[str, torch.Tensor]:
         """Pointing, region on the part, relevance mass, ``cam_iou`` and ``localization_accuracy``
         for one batch, each beside its chance level (:func:`protozoo.metrics.cam_metrics`)."""
