@@ -147,6 +147,7 @@ def explainer_section(results: dict, files: dict[str, str] | None = None) -> str
     s = results["settings"]
     sanity_images = results.get("cascade", {}).get("num_images", 0)
     accuracy, seconds = f"{s['accuracy']:.3f}", f"{s['seconds']:.1f}"
+    cpu = f" ({s['cpu_seconds']:.0f} s of CPU time)" if "cpu_seconds" in s else ""
     parts = ["<h2>Every explanation, judged on the same model and images</h2>",
              scores_table(results),
              f"<p>{esc(s['num_images'])} test images (the first of the split), batches of "
@@ -156,7 +157,7 @@ def explainer_section(results: dict, files: dict[str, str] | None = None) -> str
              "probability of the target (Petsiuk et al. 2018). Cascade: layers re-initialised "
              "from the top down, Spearman and SSIM against the trained model's maps on the first "
              f"{esc(sanity_images)} images (Adebayo et al. 2018). Seed {esc(s['seed'])}; "
-             f"{esc(seconds)} s in all on {esc(s['device'])}.</p>"]
+             f"{esc(seconds)} s in all{esc(cpu)} on {esc(s['device'])}.</p>"]
     captions = {"grid": "Every explainer's map of the same images (part outlined in red).",
                 "deletion": "Deletion and insertion curves, mean over images.",
                 "cascade": "Cascading randomisation: similarity to the trained model's maps.",

@@ -82,8 +82,8 @@ def evaluate_explainers(model, dataset, explainers="all", *, params: dict | None
     sums: dict[str, dict[str, float]] = {n: {} for n in names}
     curve_sums = {kind: {n: 0.0 for n in names} for kind in ("deletion", "insertion")}
     seconds = {n: 0.0 for n in names}
-    forward_seconds, count, correct, pixels, sanity = 0.0, 0, 0, None, None
-    started = time.perf_counter()
+    forward_seconds, deletion_seconds, count, correct, pixels, sanity = 0.0, 0.0, 0, 0, None, None
+    started, cpu_started = time.perf_counter(), time.process_time()
     was = model.training
     model.eval()
     try:
@@ -102,8 +102,10 @@ def evaluate_explainers(model, dataset, explainers="all", *, params: dict | None
                 values = {}
                 if masks is not None:
                     values.update(map_scores(m, masks[:, 0], region_side(int(m.shape[-1]))))
+                start = time.perf_counter()
                 curves = deletion_insertion(model, images, m, goal, steps, baseline, blur_sigma,
                                             seed + i)
+                deletion_seconds += time.perf_counter() - start
                 pixels = curves["pixels"].tolist()
                 values["deletion_auc"] = curves["deletion_auc"]
                 values["insertion_auc"] = curves["insertion_auc"]
@@ -129,11 +131,15 @@ def evaluate_explainers(model, dataset, explainers="all", *, params: dict | None
                            "batch_size": batch_size, "steps": steps, "baseline": baseline,
                            "blur_sigma": blur_sigma, "seed": seed, "device": str(device),
                            "forward_seconds": forward_seconds,
+                           "deletion_insertion_seconds": deletion_seconds,
                            "explainers": {e.name: e.params() for e in methods}}}
     if sanity is not None:
+        start = time.perf_counter()
         result.update(_sanity(model, methods, sanity, cascade, random_labels_model, seed, device,
                               scores))
+        result["settings"]["sanity_seconds"] = time.perf_counter() - start
     result["settings"]["seconds"] = time.perf_counter() - started
+    result["settings"]["cpu_seconds"] = time.process_time() - cpu_started  # all threads
     return result
 
 
