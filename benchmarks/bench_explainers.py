@@ -36,7 +36,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--num-classes", type=int, default=5)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--steps", type=int, default=32, help="deletion/insertion steps")
+    p.add_argument("--steps", type=int, default=16, help="deletion/insertion steps")
     p.add_argument("--explainers", default="all")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)

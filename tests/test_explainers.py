@@ -227,6 +227,15 @@ def test_cascade_layers_follow_backpropagation_from_the_logits():
     assert layer_order(proto, _images())[:4] == ["last_layer", "", "add_on.2", "add_on.0"]
 
 
+def test_a_norm_layer_is_randomised_with_the_layer_it_normalises():
+    from protozoo.explain.sanity import cascade_steps
+
+    model = _cam()
+    steps = cascade_steps(model, layer_order(model, _images()))
+    assert steps == [["fc"]] + [[f"backbone.body.stages.{s}.1", f"backbone.body.stages.{s}.0"]
+                                for s in (3, 2, 1, 0)]
+
+
 def test_randomize_layer_changes_that_layer_only():
     model = _cam()
     bn = model.backbone.body.stages[3][1]

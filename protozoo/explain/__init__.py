@@ -39,7 +39,7 @@ __all__ = ["cascading_randomization", "create_explainer", "deletion_insertion",
 
 
 def explain_model(model, dataset, out_dir=None, explainers="all", *, params: dict | None = None,
-                  num_images: int | None = 256, batch_size: int = 32, device="auto",
+                  num_images: int | None = 128, batch_size: int = 32, device="auto",
                   random_labels_model=None, embeddings: bool = True, embedding_images: int = 500,
                   grid_images: int = 6, seed: int = 0, **settings) -> dict:
     """Score ``explainers`` on ``model`` over the first ``num_images`` items of ``dataset`` (a

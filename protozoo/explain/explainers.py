@@ -167,8 +167,9 @@ class Occlusion(Explainer):
     ECCV 2014): a ``window`` x ``window`` square of all channels, set to 0 after normalisation
     (the paper's grey square), slides over the image with ``stride``; a pixel's value is the mean
     drop of the target logit over the windows that cover it. ``window`` defaults to 1/8 of the
-    image side (at least 3 px), ``stride`` to half the window. Cost: one forward pass per window
-    position ((H - window) / stride + 1)^2, one batch at a time."""
+    image side (at least 3 px), ``stride`` to the window (non-overlapping: 64 positions; half
+    the window gives finer maps at 3.5x the cost). Cost: one forward pass per window position,
+    ((H - window) / stride + 1)^2, one batch at a time."""
 
     name = "occlusion"
     window: int | None = None
@@ -176,7 +177,7 @@ class Occlusion(Explainer):
 
     def geometry(self, size: int) -> tuple[int, int]:
         window = self.window or max(3, size // 8)
-        return window, self.stride or max(1, window // 2)
+        return window, self.stride or window
 
     def maps(self, model, images, target, output=None):
         window, stride = self.geometry(int(images.shape[-1]))

@@ -72,7 +72,7 @@ def step_counts(num_pixels: int, steps: int) -> list[int]:
 
 @torch.no_grad()
 def deletion_insertion(model, images: torch.Tensor, maps: torch.Tensor, target: torch.Tensor,
-                       steps: int = 32, baseline: str = "zero", blur_sigma: float | None = None,
+                       steps: int = 16, baseline: str = "zero", blur_sigma: float | None = None,
                        seed: int = 0) -> dict[str, torch.Tensor]:
     """Deletion and insertion curves of ``maps`` ``[B, H, W]`` on ``images`` ``[B, C, H, W]``.
 

@@ -19,7 +19,8 @@ correlation with any map is taken as 0.
 
 Layers are the modules that own parameters, ordered by when backpropagation from the logits
 reaches their parameters (top first), so the order follows the computation, not the order the
-modules were declared in. Re-initialising a layer calls its ``reset_parameters`` (its
+modules were declared in; a normalisation layer is randomised in one step with the layer it
+normalises. Re-initialising a layer calls its ``reset_parameters`` (its
 construction-time initialisation; a norm layer also forgets its running statistics), seeded;
 parameters of a module without one (e.g. ProtoPNet's prototypes) are shuffled in place.
 """
@@ -135,22 +136,44 @@ def similarity(a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"spearman": rank_correlation(a, b), "ssim": ssim(minmax(a), minmax(b))}
 
 
+NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def cascade_steps(model: nn.Module, layers: list[str]) -> list[list[str]]:
+    """``layers`` (top first) grouped into the cascade's steps: a normalisation layer is
+    randomised together with the layer below it (the convolution it normalises), so that a
+    step is a layer of the network as a reader counts them and the cascade costs fewer steps."""
+    steps, group = [], []
+    for name in layers:
+        group.append(name)
+        module = model.get_submodule(name) if name else model
+        if not isinstance(module, NORM_LAYERS):
+            steps.append(group)
+            group = []
+    if group:
+        steps.append(group)
+    return steps
+
+
 def cascading_randomization(model: nn.Module, images: torch.Tensor, target: torch.Tensor,
                             explain_fn, trained_maps: dict[str, torch.Tensor], seed: int = 0
                             ) -> dict:
     """Cascading randomisation of a *copy* of ``model`` (the model is left as it is).
 
     ``explain_fn(model, images, target) -> {explainer: maps [B, H, W]}`` computes every
-    explainer's maps; ``trained_maps`` are the trained model's. Returns ``{"layers": [names,
-    top first], explainer: {"spearman": [per layer: mean over images], "ssim": [...]}}``; entry
-    ``i`` is the similarity after layers ``0..i`` are randomised."""
-    layers = layer_order(model, images)
+    explainer's maps; ``trained_maps`` are the trained model's. Returns ``{"layers": [step
+    labels, top first], explainer: {"spearman": [per step: mean over images], "ssim": [...]}}``;
+    entry ``i`` is the similarity after steps ``0..i`` are randomised (:func:`cascade_steps`;
+    a step with a normalisation layer is labelled by its other layer, ``+norm``)."""
+    steps = cascade_steps(model, layer_order(model, images))
     randomized = copy.deepcopy(model)
-    out: dict = {"layers": [layer_label(model, name) for name in layers]}
+    out: dict = {"layers": [layer_label(model, group[-1]) + ("+norm" if len(group) > 1 else "")
+                            for group in steps]}
     for name in trained_maps:
         out[name] = {"spearman": [], "ssim": []}
-    for i, layer in enumerate(layers):
-        randomize_layer(randomized, layer, seed + i)
+    for i, group in enumerate(steps):
+        for j, layer in enumerate(group):
+            randomize_layer(randomized, layer, seed + 1000 * i + j)
         maps = explain_fn(randomized, images, target)
         for name, trained in trained_maps.items():
             sim = similarity(trained, maps[name])

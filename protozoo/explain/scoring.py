@@ -50,8 +50,8 @@ def all_maps(model, images, target, explainers, output=None, batch_index: int = 
 
 
 def evaluate_explainers(model, dataset, explainers="all", *, params: dict | None = None,
-                        num_images: int | None = 256, batch_size: int = 32, device="auto",
-                        target: str = "prediction", steps: int = 32, baseline: str = "zero",
+                        num_images: int | None = 128, batch_size: int = 32, device="auto",
+                        target: str = "prediction", steps: int = 16, baseline: str = "zero",
                         blur_sigma: float | None = None, sanity_images: int = 16,
                         cascade: bool = True, random_labels_model=None, seed: int = 0) -> dict:
     """Score ``explainers`` (``"all"``, a name or a list; ``params``: ``{name: {parameter:
