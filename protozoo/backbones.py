@@ -6,54 +6,52 @@ Every backbone is a :class:`Backbone` that maps images ``[B, 3, H, W]`` to one f
 * ``channels`` – C;
 * ``stride`` – input pixels per feature cell;
 * ``receptive_field`` and ``rf_offset`` – the input window one feature cell can see: cell ``(i, j)``
-  sees rows ``[i*stride + rf_offset, i*stride + rf_offset + receptive_field)`` (same for columns).
+  sees rows ``[i*stride + rf_offset, i*stride + rf_offset + receptive_field)`` (same for columns);
+* ``global_field`` – every cell sees the whole image (global attention in a ViT, the global pooling
+  of squeeze-and-excitation blocks in an EfficientNet): a cell's box is then the whole image.
 
-The receptive field is *measured*, not computed from per-layer arithmetic: the support of the
-gradient of one central feature cell with respect to the input is exactly the set of pixels that
-cell depends on. The original ProtoPNet code hard-codes kernel/stride/padding lists per
-architecture, which breaks on any architecture it was not written for; this works for all of them.
+timm models are built with ``features_only=True``; those that take ``dynamic_img_size`` (ViT, DeiT,
+Swin, EVA, ...) are built with it, so they accept any image size, and token outputs come back as
+a ``[B, C, h, w]`` map without class/register tokens (timm's ``forward_intermediates``).
+Channels-last feature maps (Swin's NHWC, declared in timm's ``output_fmt``) are permuted. A timm
+model that yields no spatial map is a one-line :class:`UserError` when the backbone is created.
+
+The receptive field is *measured*, not computed from per-layer arithmetic
+(:mod:`protozoo.receptive_field`): the support of the gradient of one feature cell with respect to
+the input is exactly the set of pixels that cell depends on. The original ProtoPNet code
+hard-codes kernel/stride/padding lists per architecture, which breaks on any architecture it was
+not written for; this works for all of them.
 """
 from __future__ import annotations
 
 import functools
 import math
 import os
-from dataclasses import dataclass
 import torch
 from torch import nn
 
 from .errors import UserError
+from .receptive_field import Geometry, GeometryError, feature_map, measure_geometry, output_format
 from .registry import Registry, unknown_name_error
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 BUILTIN = Registry("backbone")
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """How feature cells map to input pixels (see the module docstring)."""
-
-    stride: int
-    receptive_field: int
-    rf_offset: int
-
-    def cell_box(self, i: int, j: int, height: int, width: int) -> tuple[int, int, int, int]:
-        """Pixel box ``(x0, y0, x1, y1)`` (exclusive end) of cell (i, j), clipped to the image."""
-        y0 = i * self.stride + self.rf_offset
-        x0 = j * self.stride + self.rf_offset
-        y1, x1 = y0 + self.receptive_field, x0 + self.receptive_field
-        return max(x0, 0), max(y0, 0), min(x1, width), min(y1, height)
+_GEOMETRY_CACHE: dict[tuple, Geometry] = {}
 
 
 class Backbone(nn.Module):
     """A feature extractor plus its self-description (channels, stride, receptive field, norm)."""
 
     def __init__(self, body: nn.Module, name: str, stage: int = -1, mean=IMAGENET_MEAN,
-                 std=IMAGENET_STD, in_chans: int = 3):
+                 std=IMAGENET_STD, in_chans: int = 3,
+                 fixed_size: tuple[int, int] | None = None):
         super().__init__()
         self.body = body
+        # (H, W) for a model built for one input size only (timm's fixed_input_size without
+        # dynamic_img_size); None: any size
+        self.fixed_size = tuple(int(v) for v in fixed_size) if fixed_size else None
         self.name = name
         self.stage = stage
         self.mean = tuple(float(m) for m in mean)
@@ -70,7 +68,15 @@ class Backbone(nn.Module):
         """Stride and receptive field; measured on first use and cached per architecture+stage."""
         key = (self.name, self.stage, self.in_chans)
         if key not in _GEOMETRY_CACHE:
-            _GEOMETRY_CACHE[key] = measure_geometry(self.body, self.in_chans)
+            try:
+                _GEOMETRY_CACHE[key] = measure_geometry(self.body, self.in_chans,
+                                                        fixed_size=self.fixed_size)
+            except GeometryError as exc:
+                height, width = exc.args
+                raise UserError(f"cannot measure the receptive field of backbone '{self.name}': "
+                                f"it fails on a {width}x{height} px probe image "
+                                f"({_first_line(exc.__cause__)}); use another backbone for a "
+                                "model that needs it (ProtoPNet's push)") from exc
         return _GEOMETRY_CACHE[key]
 
     @property
@@ -79,7 +85,23 @@ class Backbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)  # a wrong batch is a one-line UserError, not a conv traceback
-        return _features(self.body, x)
+        try:
+            return feature_map(self.body, x)
+        except (AssertionError, RuntimeError) as exc:
+            # timm's own size checks (patch, window and block divisibility) are assertions; a
+            # map too small for a kernel, or odd sizes that do not meet, are RuntimeErrors
+            # naming a size (other RuntimeErrors -- memory, device -- pass through)
+            if isinstance(exc, RuntimeError) and "size" not in str(exc).lower():
+                raise
+            raise UserError(self._size_error(x, exc)) from exc
+
+    def _size_error(self, x: torch.Tensor, exc: BaseException) -> str:
+        cfg = getattr(self.body, "pretrained_cfg", None) or {}
+        size = cfg.get("input_size", (0, 0, 0))[-1]
+        hint = f"--image-size {size} (its default)" if size else "another --image-size"
+        return (f"backbone '{self.name}' fails on {x.shape[-1]}x{x.shape[-2]} px images "
+                f"({_first_line(exc)}); it may not take this size: try "
+                f"{hint} or another backbone")
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise a one-line UserError for inputs this backbone cannot take."""
@@ -97,81 +119,21 @@ class Backbone(nn.Module):
         if x.shape[1] != self.in_chans:
             raise UserError(f"expected {self.in_chans}-channel images, got {x.shape[1]} channels; "
                             "convert grayscale/RGBA images to RGB first (PIL: img.convert('RGB'))")
+        if self.fixed_size and tuple(x.shape[-2:]) != self.fixed_size:
+            h, w = self.fixed_size
+            raise UserError(
+                f"backbone '{self.name}' takes only {w}x{h} px images (timm builds it for one "
+                f"input size), got {x.shape[-1]}x{x.shape[-2]}; use --image-size {w} or a "
+                "backbone that takes any size (a CNN, a ViT such as vit_tiny_patch16_224, a Swin)")
         if min(x.shape[-2:]) < self.stride:
             raise UserError(
                 f"image of {x.shape[-1]}x{x.shape[-2]} px is smaller than one feature cell of "
-                f"backbone '{self.name}' ({self.stride} px, receptive field "
-                f"{self.receptive_field} px); use images of at least {self.stride} px "
-                "(e.g. --image-size 64) or a backbone with a smaller stride")
+                f"backbone '{self.name}' ({self.stride} px, {self.geometry.describe()}); use "
+                f"images of at least {self.stride} px (e.g. --image-size 64) or a backbone with "
+                "a smaller stride")
 
 
-def _features(body: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    out = body(x)
-    return out[-1] if isinstance(out, (list, tuple)) else out
 
-
-_GEOMETRY_CACHE: dict[tuple, Geometry] = {}
-
-
-def measure_geometry(body: nn.Module, in_chans: int = 3, start_size: int = 96,
-                     max_size: int = 1536) -> Geometry:
-    """Measure stride and receptive field of ``body`` from gradient support.
-
-    The measurement runs on a *probe copy* whose weights are all positive (scaled by 1/fan-in so
-    activations stay O(1)), whose batch-norm statistics are reset and whose max-pools are average
-    pools, in float64 on positive inputs. Then no ReLU is inactive, no max-pool hides a window and
-    no zero-initialised residual branch (timm's default) cuts a path, so the gradient support is
-    the full set of pixels the cell depends on. The input grows until that support no longer
-    touches the border, so the field is not clipped.
-    """
-    probe = _geometry_probe(body)
-    size = start_size
-    with torch.enable_grad():
-        while True:
-            geometry, touches_border = _support_geometry(probe, in_chans, size)
-            if not touches_border or size >= max_size:
-                return geometry
-            size *= 2
-
-
-def _geometry_probe(body: nn.Module) -> nn.Module:
-    import copy
-
-    probe = copy.deepcopy(body).float().eval().cpu()
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in probe.parameters():
-            fan_in = max(param[0].numel(), 1) if param.ndim > 1 else 1
-            param.copy_((torch.rand(param.shape, generator=generator, dtype=param.dtype) + 0.5)
-                        / fan_in)
-    for module in probe.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.reset_running_stats()
-        for child_name, child in module.named_children():
-            if isinstance(child, nn.MaxPool2d):
-                setattr(module, child_name, nn.AvgPool2d(child.kernel_size, child.stride,
-                                                         child.padding, child.ceil_mode))
-    return probe
-
-
-def _support_geometry(probe: nn.Module, in_chans: int, size: int):
-    generator = torch.Generator().manual_seed(0)
-    x = (torch.rand(1, in_chans, size, size, generator=generator, dtype=torch.float32) + 0.5)
-    x.requires_grad_(True)
-    feats = _features(probe, x)
-    h, w = feats.shape[-2:]
-    stride = size // h if h > 0 else size
-    ci, cj = h // 2, w // 2
-    (grad,) = torch.autograd.grad(feats[:, :, ci, cj].sum(), x)
-    support = grad.abs().sum(dim=(0, 1)) > 0
-    rows = support.any(dim=1).nonzero().flatten()
-    cols = support.any(dim=0).nonzero().flatten()
-    if len(rows) == 0:  # a constant feature map: nothing to measure, fall back to the stride
-        return Geometry(stride, stride, 0), False
-    rf = int(max(rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1))
-    offset = int(cols[0]) - cj * stride
-    touches = bool(rows[0] == 0 or cols[0] == 0 or rows[-1] == size - 1 or cols[-1] == size - 1)
-    return Geometry(stride, rf, offset), touches
 
 
 # ----------------------------------------------------------------------------- built-in backbones
@@ -227,12 +189,14 @@ def tiny_cnn_s4(stage: int = -1) -> StagedCNN:
     return StagedCNN([32, 64, 128, 128], [True, True, False, False], stage)
 
 
-@BUILTIN.register("tiny_cnn_rf18")
-def tiny_cnn_rf18(stage: int = -1) -> StagedCNN:
-    """tiny_cnn_s4 with a 1x1 last convolution: stride 4, receptive field 18 px. ProtoPNet's
-    default: at 64 px a cell sees about one part (a petal, a bird's head), so the cell most like
-    a prototype is centred on the part rather than beside it (measured in docs/protopnet.md)."""
-    return StagedCNN([32, 64, 128, 128], [True, True, False, False], stage, kernels=[3, 3, 3, 1])
+@BUILTIN.register("tiny_cnn_rf10")
+def tiny_cnn_rf10(stage: int = -1) -> StagedCNN:
+    """tiny_cnn_s4 with 1x1 convolutions after the second pooling: stride 4, receptive field
+    10 px. ProtoPNet's default: a cell then sees about one small part (at 64 px a petal or a
+    bird's head is 9-12 px wide) and little of what surrounds it, so the cell most like a
+    prototype is centred *on* the part; with a larger field the cell at the part's outer edge,
+    which sees the part against a clean background, wins (measured in docs/protopnet.md)."""
+    return StagedCNN([32, 64, 128, 128], [True, True, False, False], stage, kernels=[3, 3, 1, 1])
 
 
 @BUILTIN.register("small_cnn")
@@ -328,11 +292,15 @@ def create_backbone(name: str, pretrained: bool | str = False, stage: int = -1) 
 def _timm_backbone(name: str, pretrained, stage: int) -> Backbone:
     import timm
 
-    kwargs: dict = dict(features_only=True)
-    probe = timm.create_model(name, features_only=True, pretrained=False)
+    probe, any_size = _timm_features(name)
     n_stages = len(probe.feature_info)
     check_stage(stage, n_stages, name)
-    kwargs["out_indices"] = (stage % n_stages,)
+    index = stage % n_stages
+    if not pretrained and probe.feature_info.out_indices[-1] % n_stages == index:
+        # the probe ends at that stage: the same modules and state dict as a model built for
+        # that stage alone (the earlier stages it also returns are not used), so keep it
+        return _wrap_timm(probe, name, stage)
+    kwargs: dict = dict(features_only=True, out_indices=(index,), **any_size)
     if isinstance(pretrained, str) and pretrained:
         if not os.path.isfile(pretrained):
             raise UserError(f"pretrained weights file '{pretrained}' not found; pass the path to "
@@ -352,9 +320,59 @@ def _timm_backbone(name: str, pretrained, stage: int) -> Backbone:
                 "pass its path: --pretrained path/to/model.safetensors") from None
         raise UserError(f"could not load weights for '{name}' from '{pretrained}': {exc}; check "
                         "that the file holds this architecture's state dict") from None
+    return _wrap_timm(body, name, stage)
+
+
+def _wrap_timm(body: nn.Module, name: str, stage: int) -> Backbone:
     cfg = getattr(body, "pretrained_cfg", None) or {}
     mean, std = cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD)
-    return Backbone(body, name, stage, mean=mean, std=std)
+    traits = getattr(body, "_traits", None) or {}
+    fixed = traits.get("img_size") if traits.get("fixed_input_size") else None
+    return Backbone(body, name, stage, mean=mean, std=std, fixed_size=fixed)
+
+
+# Keyword arguments that let a timm model take any image size (ViT, DeiT, EVA: both; Swin: the
+# first; DeepSeek's ViT: the second); a model class that does not know one raises a TypeError
+# naming it, and is built without it.
+_ANY_SIZE = dict(dynamic_img_size=True, dynamic_img_pad=True)
+# What to suggest when a timm model cannot serve.
+_SERVING = ("a CNN (resnet18, convnext_atto, efficientnet_b0), a ViT (vit_tiny_patch16_224) or a "
+            "Swin (swin_tiny_patch4_window7_224)")
+
+
+def _timm_features(name: str) -> tuple[nn.Module, dict]:
+    """timm's ``features_only`` model of ``name`` with random weights, built to take any image
+    size where it can, and the any-size keyword arguments it took. A model that yields no
+    spatial feature map is a one-line UserError."""
+    import timm
+
+    any_size = dict(_ANY_SIZE)
+    while True:
+        try:
+            body = timm.create_model(name, features_only=True, pretrained=False, **any_size)
+            break
+        except TypeError as exc:
+            unknown = [key for key in any_size if key in str(exc)]
+            if unknown:
+                del any_size[unknown[0]]  # this class does not take it: build without it
+                continue
+            reason = _first_line(exc)
+        except Exception as exc:  # timm raises several types for "no feature extraction"
+            reason = _first_line(exc)
+        raise UserError(f"timm model '{name}' cannot serve as a backbone: timm cannot build it "
+                        f"as a feature extractor (features_only: {reason}); use {_SERVING}")
+    fmt = output_format(body)
+    if fmt not in ("NCHW", "NHWC"):
+        raise UserError(f"timm model '{name}' cannot serve as a backbone: its features are "
+                        f"token sequences ({fmt}), not a spatial feature map; use {_SERVING}")
+    return body, any_size
+
+
+def _first_line(exc: BaseException) -> str:
+    """``TypeName: the message's first line`` (shortened), or the type name alone."""
+    text = str(exc).strip().splitlines()
+    name = type(exc).__name__
+    return f"{name}: {text[0][:200]}" if text else name
 
 
 def check_stage(stage: int, n_stages: int, name: str = "") -> None:

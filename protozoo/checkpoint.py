@@ -37,6 +37,10 @@ def save(model, run_dir: str | os.PathLike, image_size: int | None = None) -> Pa
     """Write ``model`` to ``run_dir`` (created if needed); returns the directory."""
     from safetensors.torch import save_file
 
+    if not getattr(model, "model_name", ""):
+        raise CheckpointError(f"model class {type(model).__name__} is not registered: register "
+                              "it with @protozoo.register_model('name') so protozoo.load can "
+                              "rebuild it")
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise CheckpointError(f"'{run_dir}' is a file; a checkpoint is a folder (model.safetensors"

@@ -65,7 +65,7 @@ def describe_schedule(phases: list[Phase]) -> str:
 @dataclass
 class TrainConfig:
     model: str = "protopnet"
-    backbone: str | None = None  # None: the model family's default (ProtoPNet tiny_cnn_rf18, ...)
+    backbone: str | None = None  # None: the model family's default (ProtoPNet tiny_cnn_rf10, ...)
     pretrained: Any = False  # False, True (timm weights) or a path to a weights file
     stage: int = -1
     model_args: dict[str, Any] = field(default_factory=dict)

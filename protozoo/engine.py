@@ -8,8 +8,9 @@ group (:func:`training_sampler`).
 
 Files written in the run directory (by one process only under ``torchrun``):
 ``train_config.json`` (resolved config), ``log.jsonl`` (one record per epoch or action),
-``curves.png``, ``model.safetensors`` + ``config.json`` (the model, every epoch) and
-``train_state.pt`` (optimiser, counters and model state in one atomic file, for ``--resume``).
+``curves.png`` (at most every :data:`CURVES_EVERY_S` seconds, and at the end),
+``model.safetensors`` + ``config.json`` (the model, every epoch) and ``train_state.pt``
+(optimiser, counters and model state in one atomic file, for ``--resume``).
 A run killed mid-epoch resumes from its last completed epoch; the sampler order and augmentation of
 every epoch are seeded from ``(seed, epoch)`` so a resumed run repeats the epochs it lost exactly.
 """
@@ -38,6 +39,9 @@ from .runtime import (DistInfo, all_reduce_sums, autocast_for, iterate,  # noqa:
 
 STATE = "train_state.pt"
 LOG = "log.jsonl"
+# curves.png is redrawn at most this often (and when the run ends): drawing it takes about a
+# second on a CPU, which on a short run of small epochs was half the training time
+CURVES_EVERY_S = 30.0
 
 # ----------------------------------------------------------------------------- epoch sums
 
@@ -96,6 +100,7 @@ class Trainer:
             self.model.to(memory_format=torch.channels_last)
         self.phases = model.phases(cfg)
         self.log_records: list[dict] = []
+        self._plotted = time.monotonic()
 
     # -- files (main process only)
     def _write(self) -> bool:
@@ -106,13 +111,19 @@ class Trainer:
         if self._write():
             with open(self.run_dir / LOG, "a") as handle:
                 handle.write(json.dumps(record) + "\n")
-            from .render.curves import plot_curves
-
-            plot_curves(self.log_records, self.run_dir / "curves.png")
+            if time.monotonic() - self._plotted >= CURVES_EVERY_S:
+                self._plot()
         summary = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in record.items() if k != "time")
         if self.dist.is_main:
             print(summary, flush=True)
+
+    def _plot(self) -> None:
+        if self._write():
+            from .render.curves import plot_curves
+
+            plot_curves(self.log_records, self.run_dir / "curves.png")
+        self._plotted = time.monotonic()
 
     def _checkpoint(self, position: dict, optimizer=None, scaler=None) -> None:
         if not self._write():
@@ -152,6 +163,7 @@ class Trainer:
                     resume.get("scaler") if resuming_here else None)
         self._checkpoint({"phase": len(self.phases), "epoch": 0, "global_epoch": global_epoch,
                           "finished": True})
+        self._plot()
         return self.log_records
 
     def _run_action(self, phase: Phase, index: int, global_epoch: int) -> None:

@@ -21,6 +21,11 @@ from .metrics import mean_class_accuracy
 from .runtime import iterate, resolve_device
 
 
+# The dataset a run records when it was trained from Python on the user's own data
+# (protozoo.train): "python:<the dataset's type>"; no loader can rebuild such data.
+PYTHON_DATA = "python:"
+
+
 def run_config(run_dir: Path, overrides: dict | None = None) -> TrainConfig:
     values = {}
     path = Path(run_dir) / RUN_CONFIG
@@ -32,6 +37,11 @@ def run_config(run_dir: Path, overrides: dict | None = None) -> TrainConfig:
     if not path.is_file() and (overrides or {}).get("dataset") is None:
         raise UserError(f"'{run_dir}' has no {RUN_CONFIG} (a checkpoint saved outside "
                         "train.py); say which data to use with --dataset [--data-dir]")
+    if str(values.get("dataset", "")).startswith(PYTHON_DATA):
+        raise UserError(f"'{run_dir}' was trained from Python on its own data "
+                        f"({values['dataset'][len(PYTHON_DATA):]}), which no loader rebuilds: "
+                        "evaluate it with protozoo.evaluate(model, test_data), or pass "
+                        "--dataset [--data-dir]")
     return TrainConfig.from_dict(values, source=str(path) if path.is_file() else "flags")
 
 
@@ -63,6 +73,40 @@ def test_metrics(model, dataset, batch_size: int, device, amp: str = "auto") -> 
     return result
 
 
+def check_classes(model, class_names: list[str], source: str) -> None:
+    """The data's classes must be the model's, in its order (else its labels would be scored
+    against the wrong classes); ``source`` names the data in the one-line error."""
+    trained_on = list(model.data_class_names)  # a head may classify over more classes
+    if len(class_names) != len(trained_on):
+        raise UserError(f"the model has {len(trained_on)} classes but {source} has "
+                        f"{len(class_names)}; evaluate on the data it was trained on")
+    differ = [i for i, (a, b) in enumerate(zip(trained_on, class_names)) if a != b]
+    if differ:
+        i = differ[0]
+        raise UserError(f"class {i} is '{trained_on[i]}' in the model but '{class_names[i]}' "
+                        f"in {source} ({len(differ)} of {len(trained_on)} differ): its labels "
+                        "would be scored against the wrong classes; evaluate on the data it was "
+                        "trained on")
+
+
+def model_metrics(model, data, batch_size: int, device, amp: str = "auto") -> dict:
+    """What ``metrics.json`` holds: :func:`test_metrics` on ``data.test``, the family's metrics
+    over the whole data (``model.dataset_metrics``, e.g. a prototype family's purity over the
+    push set) and facts about the test data."""
+    model.to(device)
+    metrics = test_metrics(model, data.test, batch_size, device, amp)
+    metrics.update(model.dataset_metrics(data, amp))
+    metrics.update(data.data_metrics())  # e.g. test words the model never saw, read as <unk>
+    return metrics
+
+
+def write_report(model, data, out_dir, metrics: dict, images=None) -> Path:
+    """The family's report (``model.report_writer``) into ``out_dir``."""
+    from .render.reports import write_report as write
+
+    return write(model, data, Path(out_dir), metrics, images=images)
+
+
 def evaluate_run(run_dir, model=None, data=None, device="auto", report: bool = True,
                  images: list[str] | None = None, overrides: dict | None = None) -> dict:
     """Write ``metrics.json`` (and ``report/``) into ``run_dir``; returns the metrics."""
@@ -77,24 +121,9 @@ def evaluate_run(run_dir, model=None, data=None, device="auto", report: bool = T
     cfg = run_config(run_dir, overrides)
     if data is None:
         data = build_eval_data(cfg, model)
-    trained_on = list(model.data_class_names)  # a head may classify over more classes
-    if len(data.class_names) != len(trained_on):
-        raise UserError(f"the model has {len(trained_on)} classes but dataset '{cfg.dataset}' "
-                        f"has {len(data.class_names)}; evaluate on the data it was trained on")
-    differ = [i for i, (a, b) in enumerate(zip(trained_on, data.class_names)) if a != b]
-    if differ:
-        i = differ[0]
-        raise UserError(f"class {i} is '{trained_on[i]}' in the model but '{data.class_names[i]}' "
-                        f"in dataset '{cfg.dataset}' ({len(differ)} of {len(trained_on)} "
-                        "differ): its labels would be scored against the wrong classes; "
-                        "evaluate on the data it was trained on")
-    model.to(device)
-    metrics = test_metrics(model, data.test, cfg.batch_size, device, cfg.amp)
-    metrics.update(model.dataset_metrics(data, cfg.amp))
-    metrics.update(data.data_metrics())  # e.g. test words the model never saw, read as <unk>
+    check_classes(model, data.class_names, f"dataset '{cfg.dataset}'")
+    metrics = model_metrics(model, data, cfg.batch_size, device, cfg.amp)
     atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
     if report:
-        from .render.reports import write_report
-
         write_report(model, data, run_dir / "report", metrics, images=images)
     return metrics

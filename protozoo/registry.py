@@ -64,11 +64,17 @@ class Registry:
         except KeyError:
             raise unknown_name_error(self.kind, name, self._entries) from None
 
+    def name_of(self, fn: Callable) -> str | None:
+        """The name ``fn`` is registered under (the exact constructor, not a subclass), or
+        None."""
+        return next((name for name, entry in self._entries.items() if entry is fn), None)
+
     def __contains__(self, name: str) -> bool:
         return name in self._entries
 
-    def names(self) -> list[str]:
-        return sorted(self._entries)
+    def names(self, sort: bool = True) -> list[str]:
+        """The registered names, sorted (or in registration order)."""
+        return sorted(self._entries) if sort else list(self._entries)
 
 
 MODELS = Registry("model")

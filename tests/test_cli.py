@@ -17,6 +17,7 @@ import evaluate
 import protozoo
 import train
 from conftest import ROOT, subprocess_env
+from protozoo.cli import _value, parse_args, resolve_config
 from protozoo.errors import run_cli
 
 FAST = ["--model", "cam", "--backbone", "tiny_cnn", "--dataset", "digits", "--num-train", "100"]
@@ -110,10 +111,10 @@ def test_train_bad_input_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, c
 def test_resolve_config_yaml_then_flags(tmp_path):
     (tmp_path / "c.yaml").write_text("epochs: 3\nlr: 1e-3\nbatch-size: 16\nmodel_args:\n"
                                      "  extra_conv: 8\nloss_weights: {cluster: 0.5}\n")
-    args = train.parse_args(["--config", str(tmp_path / "c.yaml"), "--epochs", "1",
-                             "--model-arg", "stage=2", "--loss-weight", "cluster=0.8",
-                             "--pretrained", "timm"])
-    cfg = train.resolve_config(args)
+    args = parse_args(["--config", str(tmp_path / "c.yaml"), "--epochs", "1",
+                       "--model-arg", "stage=2", "--loss-weight", "cluster=0.8",
+                       "--pretrained", "timm"])
+    cfg = resolve_config(args)
     assert (cfg.epochs, cfg.lr, cfg.batch_size) == (1, 0.001, 16)
     assert cfg.model_args == {"extra_conv": 8, "stage": 2}
     assert cfg.loss_weights == {"cluster": 0.8}
@@ -247,9 +248,9 @@ def test_report_escapes_class_and_file_names(tmp_path):
 
 
 def test_flag_values_read_python_spellings_of_booleans():
-    assert train._value("False") is False and train._value("TRUE") is True
-    assert train._value("None") is None and train._value("0.5") == 0.5
-    assert train._value("[1, 2]") == [1, 2] and train._value("gate") == "gate"
+    assert _value("False") is False and _value("TRUE") is True
+    assert _value("None") is None and _value("0.5") == 0.5
+    assert _value("[1, 2]") == [1, 2] and _value("gate") == "gate"
 
 
 def test_model_argument_that_fails_on_data_is_caught_before_the_run_folder(tmp_path, monkeypatch,
@@ -290,7 +291,7 @@ def test_the_dry_run_leaves_training_unchanged(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     argv = FAST + ["--epochs", "1", "--augment", "--no-report"]
     assert train.main(argv + ["--out", "with"]) == 0
-    monkeypatch.setattr(train, "dry_run", lambda *args: None)
+    monkeypatch.setattr(protozoo.api, "dry_run", lambda *args: None)
     assert train.main(argv + ["--out", "without"]) == 0
 
     def records(run):  # every logged number except the wall time
@@ -305,7 +306,7 @@ def test_yaml_nulls_and_exponents_and_blame(tmp_path, monkeypatch, capsys):
     # a null is the default; YAML 1.1 reads 1e-4 as a string, inside mappings too
     (tmp_path / "ok.yaml").write_text("batch_size:\nloss_weights: {l1: 1e-4}\n"
                                       "model_args: {extra_conv: 8}\n")
-    cfg = train.resolve_config(train.parse_args(["--config", "ok.yaml", "--model", "cam"]))
+    cfg = resolve_config(parse_args(["--config", "ok.yaml", "--model", "cam"]))
     assert cfg.batch_size == 64 and cfg.loss_weights == {"l1": 1e-4}
     # a bad flag next to a good file is the flag's fault, not the file's
     assert run_cli(train.main, FAST + ["--config", "ok.yaml", "--epochs", "0"]) == 2

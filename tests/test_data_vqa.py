@@ -529,3 +529,15 @@ def test_bad_generator_arguments(tmp_path):
     with pytest.raises(DataError, match="2 red objects"):
         sc.answer(_scene(("red", "square", 10.5, 10.5), ("red", "circle", 50.5, 50.5)),
                   sc.Question("shape", "red"))
+
+
+def test_clevr_keeps_its_images_own_size(tmp_path):
+    """No silent resizing: without an image size the images' own is used when they share one
+    square size; CLEVR's own 480x320 (here 48x32) asks for --image-size."""
+    root = _clevr_tree(tmp_path / "CLEVR_v1.0")
+    with pytest.raises(DataError, match=r"are 48x32, not square: pass --image-size S"):
+        build_data("clevr", data_dir=root)
+    for path in (root / "images").rglob("*.png"):
+        Image.fromarray(np.full((24, 24, 3), 90, np.uint8)).save(path)
+    bundle = build_data("clevr", data_dir=root)
+    assert bundle.image_size == 24 and bundle.train[0]["image"].shape == (3, 24, 24)

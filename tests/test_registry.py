@@ -78,7 +78,7 @@ def test_list_models_and_backbones():
     assert "cam" in protozoo.list_models()
     assert protozoo.list_models() == sorted(protozoo.list_models())
     backbones = protozoo.list_backbones()
-    builtins = ["rn_cnn", "rn_cnn_rgb", "small_cnn", "tiny_cnn", "tiny_cnn_rf18", "tiny_cnn_s4"]
+    builtins = ["rn_cnn", "rn_cnn_rgb", "small_cnn", "tiny_cnn", "tiny_cnn_rf10", "tiny_cnn_s4"]
     assert backbones[:6] == builtins  # built-ins first, then timm's
     assert {"resnet18", "convnext_tiny"} <= set(backbones)
     assert protozoo.list_backbones(timm_models=False) == builtins

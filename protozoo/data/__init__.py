@@ -1,26 +1,32 @@
-"""Datasets for protozoo: one entry point, :func:`build_data`, returning a :class:`DataBundle`.
+"""Datasets for protozoo: one entry point, :func:`build_data`, returning a :class:`DataBundle`,
+and one registration per data source, :func:`register_dataset`.
 
-Every dataset returns the same item dict (see :mod:`protozoo.data.base`): ``image`` (normalised
-float [3,S,S]), ``label``, ``index``, ``path``, plus ``mask`` / ``box`` when the dataset has them.
+Every dataset yields the documented sample (:mod:`protozoo.data.contract`; protozoo's own
+loaders: :mod:`protozoo.data.base`): ``image`` (normalised float [3,S,S]), ``label``, ``index``,
+``path``, plus ``mask`` / ``box`` when the dataset has them.
 
 The validation split is a seeded, stratified part of the *training* split -- never the test split
 -- so model selection does not peek at the test set. ``push`` holds the same items as ``train``
 without augmentation (ProtoPNet projects prototypes onto them). All training-side views share one
 decoded copy of the pixels.
+
+Image size: a dataset registers its default (``synthetic-parts`` 64, ``digits`` 32, ``cub``
+224, ...) or None, which keeps the images' own size when they all share one square size and is
+a one-line error otherwise (``folder``, ``clevr``): images are never resized unless asked.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
-import torch
 from torch.utils.data import Dataset
 
-from protozoo.data.base import ImageDataset, stratified_split
+from protozoo.data.base import ImageDataset, native_size, stratified_split
 from protozoo.data.clevr import VQADataset, clevr_loader, scene_split
+from protozoo.data.contract import adapt, check_samples, conforms, denormalize
 from protozoo.data.sort_of_clevr import sort_of_clevr_loader
 from protozoo.data.cub import CUBDataset, cub_labels
 from protozoo.data.digits import DigitsDataset, digits_labels
@@ -33,16 +39,8 @@ from protozoo.data.synthetic_parts import ensure_synthetic_parts, generate_synth
 from protozoo.data.synthetic_attributes import bundle_loader as _synthetic_attributes
 from protozoo.data.zero_shot import ZeroShotSplit, cub_zsl_loader as _cub_zsl  # noqa: F401
 from protozoo.errors import DataError
+from protozoo.registry import Registry
 
-DATASETS = ("synthetic-parts", "synthetic-birds", "digits", "folder", "cub",
-            "synthetic-attributes", "cub-zsl", "sort-of-clevr", "clevr")
-DEFAULT_IMAGE_SIZE = {"synthetic-parts": 64, "synthetic-birds": 64, "digits": 32, "folder": 224,
-                      "cub": 224, "synthetic-attributes": 32, "cub-zsl": 224, "sort-of-clevr": 75,
-                      "clevr": 128}
-# Datasets read from --data-dir; the others are generated (or bundled) and would ignore it.
-READS_DATA_DIR = ("folder", "cub", "cub-zsl", "clevr")
-# Datasets of questions about images, for the VQA families (san, han, rn, cnn_lstm).
-VQA_DATASETS = ("sort-of-clevr", "clevr")
 # The generated image datasets with a ground-truth part (mask) and object box per image; the
 # defaults below configure each of them.
 GENERATED_PART_DATASETS = ("synthetic-parts", "synthetic-birds")
@@ -54,7 +52,7 @@ SYNTHETIC_DATA_SEED = 0
 
 __all__ = [
     "DATASETS", "VQA_DATASETS", "READS_DATA_DIR", "GENERATED_PART_DATASETS", "check_data_dir",
-    "DataBundle", "build_data",
+    "DataBundle", "build_data", "register_dataset", "list_datasets", "dataset_entry",
     "denormalize", "stratified_split", "ImageDataset", "ImageFolderDataset", "load_split_folder",
     "CUBDataset", "DigitsDataset", "generate_synthetic_parts", "ensure_synthetic_parts",
     "generate_synthetic_birds", "ensure_synthetic_birds",
@@ -69,7 +67,7 @@ class DataBundle:
     train: Dataset  # augmented if augment=True
     val: Dataset  # held out from the training split (never the test split), not augmented
     test: Dataset
-    push: Dataset  # the same items as `train`, un-augmented
+    push: Dataset | None  # the same items as `train`, un-augmented (None: evaluation without)
     class_names: list[str]
     image_size: int
     has_masks: bool
@@ -93,21 +91,59 @@ class DataBundle:
         return {} if unknown is None else {"unknown_test_words": int(unknown)}
 
 
-def denormalize(image, mean=(0.5,) * 3, std=(0.5,) * 3) -> np.ndarray:
-    """Undo the normalisation of one item's image: float [3,H,W] -> uint8 [H,W,3]."""
-    x = torch.as_tensor(image, dtype=torch.float32).detach().cpu()
-    if x.ndim != 3 or x.shape[0] != 3:
-        raise ValueError(f"expected an image of shape [3, H, W], got {tuple(x.shape)}")
-    mean_t = torch.as_tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-    std_t = torch.as_tensor(std, dtype=torch.float32).view(-1, 1, 1)
-    pixels = ((x * std_t + mean_t) * 255.0).round().clamp(0, 255)
-    return pixels.to(torch.uint8).permute(1, 2, 0).numpy().copy()
+# -- the registry of data sources ----------------------------------------------------------
+@dataclass(frozen=True)
+class DatasetEntry:
+    """How :func:`build_data` reads one registered dataset (see :func:`register_dataset`)."""
+
+    name: str
+    loader: Callable[[dict], tuple]
+    image_size: int | None = None  # default image size; None: the images' own size
+    reads_data_dir: bool = False  # does it read --data-dir (else it is generated or bundled)
+    task: str = "classify"  # or "vqa": items carry questions, for the VQA families
+
+
+DATASET_REGISTRY = Registry("dataset")
+
+
+def register_dataset(name: str, loader: Callable | None = None, *, image_size: int | None = None,
+                     reads_data_dir: bool = False, task: str = "classify"):
+    """Register a data source under ``name`` for :func:`build_data`, ``train.py --dataset NAME``
+    and ``protozoo-train``; a name registered twice is an error. Usable as a decorator.
+
+    ``loader(args)`` receives a dict with ``data_dir``, ``image_size`` (the flag, else this
+    registration's default, which may be None), ``mean``, ``std`` (the model's normalisation),
+    ``num_classes``, ``seed``, ``cache_dir``, ``num_train``, ``num_test`` and ``vocab``, and
+    returns ``(train, test)`` or ``(train, test, facts)``: the two splits as datasets whose
+    items meet the sample contract (:mod:`protozoo.data.contract`; any map-style Dataset of
+    ``(image, label)`` will do) and ``facts``, values of the optional :class:`DataBundle`
+    fields. Validation is carved out of ``train`` by :func:`build_data`.
+
+    ``image_size``: the default size (None: the images' own); ``reads_data_dir``: whether it
+    reads ``--data-dir``; ``task``: ``"classify"`` or ``"vqa"`` (questions about images).
+    """
+    def add(fn: Callable) -> Callable:
+        DATASET_REGISTRY.register(name)(DatasetEntry(name, fn, image_size, reads_data_dir, task))
+        return fn
+
+    return add if loader is None else add(loader)
+
+
+def list_datasets() -> list[str]:
+    """The registered dataset names, built-in first (in registration order)."""
+    return DATASET_REGISTRY.names(sort=False)
+
+
+def dataset_entry(name: str) -> DatasetEntry:
+    _check_name(name)
+    return DATASET_REGISTRY.get(name)
 
 
 # -- argument checks ------------------------------------------------------------------------
 def _check_name(name: str) -> None:
-    if name not in DATASETS:
-        raise DataError(f"unknown dataset '{name}': choose one of {', '.join(DATASETS)}")
+    if name not in DATASET_REGISTRY:
+        raise DataError(f"unknown dataset '{name}': choose one of {', '.join(list_datasets())}"
+                        " (or register yours with protozoo.register_dataset)")
 
 
 def check_data_dir(name: str, data_dir) -> None:
@@ -115,7 +151,8 @@ def check_data_dir(name: str, data_dir) -> None:
     CLEVR folder passed with ``--dataset sort-of-clevr`` would be silently replaced by generated
     scenes). Checked on what the user gives (train.py), not on saved configs, which may carry
     a ``data_dir`` from before this check."""
-    if data_dir is not None and name not in READS_DATA_DIR:
+    if data_dir is not None and name in DATASET_REGISTRY and \
+            not DATASET_REGISTRY.get(name).reads_data_dir:
         hint = ("; for a CLEVR download use --dataset clevr" if name == "sort-of-clevr" else
                 "; for your own images use --dataset folder")
         raise DataError(f"dataset '{name}' is generated and does not read --data-dir "
@@ -229,12 +266,13 @@ def _image_folder(a: dict):
     root = _data_dir(a["data_dir"], "folder")
     train_root = _folder(root / "train", _HINTS["folder"])
     test_root = _folder(root / "test", _HINTS["folder"])
-    common = dict(image_size=a["image_size"], mean=a["mean"], std=a["std"])
-    _, labels, names = scan_class_folders(images_root(train_root))
+    files, labels, names = scan_class_folders(images_root(train_root))
     _check_classes(a["num_classes"], names, "folder")
+    test_files, test_labels, _ = scan_class_folders(images_root(test_root), names)
+    size = a["image_size"] or native_size(files + test_files, f"'{root}'")
+    common = dict(image_size=size, mean=a["mean"], std=a["std"])
     train_idx = _subset_indices(labels, a["num_train"], a["seed"])
     train = load_split_folder(train_root, indices=train_idx, **common)
-    _, test_labels, _ = scan_class_folders(images_root(test_root), names)
     test_idx = _subset_indices(test_labels, a["num_test"], a["seed"])
     test = load_split_folder(test_root, class_names=names, indices=test_idx, **common)
     return train, test, {"root": str(root)}
@@ -253,38 +291,70 @@ def _cub(a: dict):
     return train, test, facts
 
 
-_LOADERS = {"synthetic-parts": partial(_generated, ensure_synthetic_parts),
-            "synthetic-birds": partial(_generated, ensure_synthetic_birds), "digits": _digits,
-            "folder": _image_folder, "cub": _cub, "synthetic-attributes": _synthetic_attributes,
-            "cub-zsl": _cub_zsl, "sort-of-clevr": sort_of_clevr_loader, "clevr": clevr_loader}
+for _name, _loader, _size, _reads, _task in [
+        ("synthetic-parts", partial(_generated, ensure_synthetic_parts), 64, False, "classify"),
+        ("synthetic-birds", partial(_generated, ensure_synthetic_birds), 64, False, "classify"),
+        ("digits", _digits, 32, False, "classify"),
+        ("folder", _image_folder, None, True, "classify"),
+        ("cub", _cub, 224, True, "classify"),
+        ("synthetic-attributes", _synthetic_attributes, 32, False, "classify"),
+        ("cub-zsl", _cub_zsl, 224, True, "classify"),
+        ("sort-of-clevr", sort_of_clevr_loader, 75, False, "vqa"),
+        ("clevr", clevr_loader, None, True, "vqa")]:
+    register_dataset(_name, _loader, image_size=_size, reads_data_dir=_reads, task=_task)
+
+# The built-in datasets (register_dataset adds more; list_datasets() names them all).
+DATASETS = tuple(list_datasets())
+DEFAULT_IMAGE_SIZE = {n: DATASET_REGISTRY.get(n).image_size for n in DATASETS}
+# Datasets read from --data-dir; the others are generated (or bundled) and would ignore it.
+READS_DATA_DIR = tuple(n for n in DATASETS if DATASET_REGISTRY.get(n).reads_data_dir)
+# Datasets of questions about images, for the VQA families (san, han, rn, cnn_lstm).
+VQA_DATASETS = tuple(n for n in DATASETS if DATASET_REGISTRY.get(n).task == "vqa")
+
+
+def _wrap_split(dataset, what: str, a: dict, class_names=None):
+    """A registered loader's split that is not one of protozoo's datasets: adapted to the
+    contract and checked once (:mod:`protozoo.data.contract`)."""
+    if conforms(dataset):
+        return dataset
+    wrapped = adapt(dataset, what, a["mean"], a["std"])
+    names = class_names or wrapped.class_names or [str(k) for k in range(
+        int(max(wrapped.labels, default=0)) + 1)]
+    wrapped.class_names = list(names)
+    check_samples(wrapped, what, len(names))
+    return wrapped
 
 
 def build_data(name: str, *, data_dir=None, image_size=None, mean=(0.5,) * 3, std=(0.5,) * 3,
                num_classes=None, seed: int = 0, val_fraction: float = 0.1, augment: bool = False,
                cache_dir=None, num_train=None, num_test=None, vocab=None) -> DataBundle:
-    """Build train/val/test/push for dataset ``name`` (one of :data:`DATASETS`).
+    """Build train/val/test/push for dataset ``name`` (see :func:`list_datasets`).
 
     ``image_size`` defaults per dataset (synthetic-parts and synthetic-birds 64, digits 32,
-    folder and cub 224). For the generated part datasets (:data:`GENERATED_PART_DATASETS`:
-    synthetic-parts, synthetic-birds), ``num_classes``/``num_train``/``num_test`` configure the
-    generator (defaults 5/3000/1000); its images use a fixed generator seed
-    (``SYNTHETIC_DATA_SEED``), not ``seed``, and are cached in ``cache_dir`` (default
-    ``$PROTOZOO_CACHE`` or ``~/.cache/protozoo``). For the other datasets ``num_classes`` is only
-    checked against the data, and ``num_train``/``num_test`` keep a seeded stratified subset of
-    about that many items (quick runs). ``val_fraction`` of every class of the training split
-    becomes ``val``.
+    cub 224; folder and clevr: the images' own size, which they must share). For the generated
+    part datasets (:data:`GENERATED_PART_DATASETS`: synthetic-parts, synthetic-birds),
+    ``num_classes``/``num_train``/``num_test`` configure the generator (defaults 5/3000/1000);
+    its images use a fixed generator seed (``SYNTHETIC_DATA_SEED``), not ``seed``, and are
+    cached in ``cache_dir`` (default ``$PROTOZOO_CACHE`` or ``~/.cache/protozoo``). For the
+    other datasets ``num_classes`` is only checked against the data, and
+    ``num_train``/``num_test`` keep a seeded stratified subset of about that many items (quick
+    runs). ``val_fraction`` of every class of the training split becomes ``val``.
     VQA data (sort-of-clevr, clevr; see :mod:`protozoo.data.clevr`): ``num_train``/``num_test``
     count images (scenes), ``val`` holds out whole images, ``vocab`` (a model's word list)
     encodes the questions instead of the vocabulary built from the training questions.
     """
-    _check_name(name)
+    entry = dataset_entry(name)
     _check_fraction(val_fraction)
-    size = int(image_size) if image_size is not None else DEFAULT_IMAGE_SIZE[name]
-    _check_image_size(size)
+    size = int(image_size) if image_size is not None else entry.image_size
+    if size is not None:
+        _check_image_size(size)
     args = dict(data_dir=data_dir, image_size=size, mean=mean, std=std, num_classes=num_classes,
                 seed=int(seed), cache_dir=cache_dir, num_train=num_train, num_test=num_test,
                 vocab=vocab)
-    train_full, test, facts = _LOADERS[name](args)
+    train_full, test, *rest = entry.loader(args)
+    facts = rest[0] if rest else {}
+    train_full = _wrap_split(train_full, f"dataset '{name}' (train)", args)
+    test = _wrap_split(test, f"dataset '{name}' (test)", args, train_full.class_names)
     if name == "digits":
         _check_classes(num_classes, train_full.class_names, name)
     return _bundle(train_full, test, seed=int(seed), val_fraction=val_fraction, augment=augment,

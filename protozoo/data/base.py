@@ -25,14 +25,14 @@ from __future__ import annotations
 import copy
 import os
 import warnings
-from collections import defaultdict
+from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from protozoo.data.images import Decoded, decode_sample, header_mode
+from protozoo.data.images import Decoded, decode_sample, header_mode, header_size
 from protozoo.errors import DataError
 
 # Keep decoded images in memory below this many bytes (N*S*S*3); larger sets decode per access.
@@ -55,6 +55,25 @@ def parallel_map(fn, items):
         yield from pool.map(fn, items)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def native_size(paths, source: str) -> int:
+    """The side of the images at ``paths`` when they all share one square size, read from their
+    headers only. Used when no ``--image-size`` is given, so images are never resized without
+    being asked; differing or non-square sizes are a one-line error that asks for one."""
+    sizes = Counter(parallel_map(header_size, [str(p) for p in paths]))
+    if not sizes:
+        raise DataError(f"no images found in {source}: add images, one folder per class")
+    if len(sizes) > 1:
+        (a, _), (b, _) = sizes.most_common(2)
+        raise DataError(f"the images in {source} are not all one size ({a[0]}x{a[1]}, "
+                        f"{b[0]}x{b[1]}, {len(sizes)} sizes in all): pass --image-size S "
+                        "(image_size=S) to resize them all to SxS")
+    ((width, height),) = sizes
+    if width != height:
+        raise DataError(f"the images in {source} are {width}x{height}, not square: pass "
+                        "--image-size S (image_size=S) to resize them to SxS")
+    return int(width)
 
 
 def should_preload(preload, count: int, image_size: int) -> bool:

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from protozoo.data.base import ImageStore, StoreView, _as_vector, parallel_map
+from protozoo.data.base import (ImageStore, StoreView, _as_vector, native_size,
+                                 parallel_map)
 from protozoo.data.text import Vocabulary
 from protozoo.errors import DataError
 
@@ -416,7 +417,7 @@ def load_split(root, files: SplitFiles, image_size: int, answers, vocab: Vocabul
     return ds, unknown_count
 
 
-def load_vqa(root, *, image_size: int, mean=(0.5,) * 3, std=(0.5,) * 3, seed: int = 0,
+def load_vqa(root, *, image_size: int | None, mean=(0.5,) * 3, std=(0.5,) * 3, seed: int = 0,
              num_train=None, num_test=None, vocab=None, answers=None, preload="auto"):
     """(train, test, facts) for a folder in CLEVR's layout, ``facts`` being the values of the
     optional :class:`~protozoo.data.DataBundle` fields it sets; see the module doc.
@@ -426,7 +427,9 @@ def load_vqa(root, *, image_size: int, mean=(0.5,) * 3, std=(0.5,) * 3, seed: in
     file, sorted, and the vocabulary is built from all its questions, so both stay the same
     whatever subset is kept; pass ``vocab`` (a word list, e.g. a loaded model's) to encode with
     it instead. Test questions map unknown words to ``<unk>``, counted in
-    ``unknown_words``.
+    ``unknown_words``. ``image_size`` None keeps the images' own size when they all share one
+    square size, and is a one-line error otherwise (real CLEVR's 480x320 images need one;
+    Santoro et al.'s Relation Network used 128).
     """
     root = Path(root)
     read = read_questions(root, "train")
@@ -437,6 +440,9 @@ def load_vqa(root, *, image_size: int, mean=(0.5,) * 3, std=(0.5,) * 3, seed: in
     vocab = Vocabulary.build(str(e["question"]) for e in all_train) if built \
         else Vocabulary(vocab)
     test_files = scan_split(root, evaluation_split(root), num_test, seed)
+    if image_size is None:  # the images' own size, when they share one (no silent resizing)
+        image_size = native_size([root / "images" / f.split / n for f in (train_files, test_files)
+                                  for n in f.image_names], f"'{root / 'images'}'")
     common = dict(answers=answers, vocab=vocab, length=None, mean=mean, std=std,
                   preload=preload)
     train, unknown_train = load_split(root, train_files, image_size,

@@ -71,6 +71,15 @@ def header_mode(path) -> str:
         raise unreadable(path, err) from None
 
 
+def header_size(path) -> tuple[int, int]:
+    """``(width, height)`` from the header alone (no pixels decoded)."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except _PIL_ERRORS as err:
+        raise unreadable(path, err) from None
+
+
 def scale_box(box, orig_size, image_size: int, crop=None) -> np.ndarray:
     """Map an xyxy box in original pixels to the resized (and optionally cropped) image."""
     x0, y0, x1, y1 = (float(v) for v in box)

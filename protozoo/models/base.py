@@ -9,13 +9,20 @@ Its policies are declared here too, so generic code asks the model instead of te
 ``report_writer`` (the report :func:`protozoo.render.reports.write_report` draws),
 ``data_class_names`` (the classes its data is checked against), ``data_args`` (what it dictates
 to the data it is evaluated on), ``from_config`` (how ``train.py`` builds it) and ``base_run`` /
-``inherited_config`` (for a family that extends a trained run, ``train.py --base RUN``).
+``inherited_config`` (for a family that extends a trained run, ``train.py --base RUN``),
+``sample_fields`` (what every item of its data must carry, checked before training) and
+``uses_training_images`` (its metrics and report read the push set).
+
+A model built directly (``CAMNet(num_classes=3)``) records its registered name and constructor
+arguments like one built by :func:`protozoo.create_model`, so it saves and loads.
 
 Adding a family: a module with a subclass registered by
 :func:`protozoo.registry.register_model`, imported in :mod:`protozoo.models`.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Callable
 
 import torch
@@ -25,14 +32,40 @@ from .. import losses
 from ..backbones import Backbone, create_backbone
 from ..config import Phase, TrainConfig
 from ..errors import UserError
-from ..registry import create_model
+from ..registry import MODELS, create_model
+
+
+def _recording(init: Callable) -> Callable:
+    """Wrap a family's ``__init__`` so that a model built directly (``CAMNet(num_classes=3)``)
+    records, like one built by :func:`protozoo.create_model`, its registered name and every
+    constructor argument with its default (what :func:`protozoo.save` writes so that
+    :func:`protozoo.load` can rebuild it). Only the most derived constructor records: a
+    family's ``super().__init__(...)`` call does not overwrite its subclass's record."""
+    signature = inspect.signature(init)
+    plain = [name for name, p in signature.parameters.items()
+             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)][1:]  # not ``self``
+    extra = next((name for name, p in signature.parameters.items()
+                  if p.kind is p.VAR_KEYWORD), None)
+
+    @functools.wraps(init)
+    def recording_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        if type(self).__init__ is recording_init:
+            bound = signature.bind(self, *args, **kwargs)
+            bound.apply_defaults()
+            values = {name: bound.arguments[name] for name in plain}
+            values.update(bound.arguments.get(extra) or {})
+            self.init_kwargs = values
+            self.model_name = MODELS.name_of(type(self)) or ""
+
+    return recording_init
 
 
 class ZooModel(nn.Module):
     """Backbone + family head. Subclasses build ``self.backbone`` through :meth:`_init_backbone`."""
 
-    model_name: str = ""
-    init_kwargs: dict = {}
+    model_name: str = ""  # the registered name (set when built, directly or by create_model)
+    init_kwargs: dict = {}  # every constructor argument, recorded when built
     default_batch_size: int = 64  # train.py's --batch-size when neither flag nor config sets it
     explains_images: bool = True  # can its report explain a user's image file (--images)?
     task: str = "classify"  # or "vqa": which datasets it trains on (train.py checks the pair)
@@ -47,6 +80,17 @@ class ZooModel(nn.Module):
     # What a run this family extends must be (train.py --base RUN; said in the error when it is
     # missing); None: the family trains from scratch and --base is an error.
     base_run: str | None = None
+    # The fields every item of its data must have (protozoo.data.contract checks them once,
+    # before training); VQA families add the question.
+    sample_fields: tuple[str, ...] = ("image", "label")
+    # Do its metrics and report read the training images (``DataBundle.push``, e.g. the patches
+    # ProtoPNet's prototypes were projected onto)? protozoo.evaluate then needs ``push_data``.
+    uses_training_images: bool = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            cls.__init__ = _recording(cls.__dict__["__init__"])
 
     def _init_backbone(self, backbone: str, pretrained, stage: int,
                        num_classes: int | None, class_names: list[str] | None) -> Backbone:
@@ -177,16 +221,32 @@ class ZooModel(nn.Module):
         return None
 
     def logits_view(self) -> nn.Module:
-        """A module whose forward returns the logits tensor only (for Grad-CAM, Captum, ...)."""
-        return LogitsView(self)
+        """A module whose forward returns the logits tensor only, sharing this model's
+        parameters: ``forward(x)`` for an image classifier (what Grad-CAM, Captum,
+        ``torch.export`` and ONNX export expect), ``forward(*inputs)`` for a model that takes
+        more than an image (VQA: ``model.inputs(batch)``)."""
+        return LogitsView(self) if self.task == "classify" else InputsLogitsView(self)
 
 
 class LogitsView(nn.Module):
-    """Wraps a zoo model so ``forward`` returns ``model(...).logits``; shares its parameters."""
+    """Wraps an image model so ``forward(x)`` returns ``model(x).logits`` ``[B, K]``."""
 
     def __init__(self, model: ZooModel):
         super().__init__()
         self.model = model
+        self.train(model.training)  # the model's mode (an exported eval model stays in eval)
 
-    def forward(self, *args, **kwargs) -> torch.Tensor:
-        return self.model(*args, **kwargs).logits
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).logits
+
+
+class InputsLogitsView(nn.Module):
+    """Wraps a model of several inputs so ``forward(*inputs)`` returns its logits."""
+
+    def __init__(self, model: ZooModel):
+        super().__init__()
+        self.model = model
+        self.train(model.training)
+
+    def forward(self, *inputs) -> torch.Tensor:
+        return self.model(*inputs).logits

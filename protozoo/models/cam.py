@@ -16,7 +16,9 @@ import torch
 from torch import nn
 
 from .. import metrics
-from ..outputs import CAMOutput
+from ..errors import UserError
+from ..maps import threshold_box, upsample
+from ..outputs import CAMEvidence, CAMOutput
 from ..registry import register_model
 from .base import ZooModel
 
@@ -51,6 +53,32 @@ class CAMNet(ZooModel):
     def intrinsic_map(self, output: CAMOutput, target: torch.Tensor) -> torch.Tensor:
         """The class activation map of class ``target[b]``, ``[B, h, w]``."""
         return output.cams[torch.arange(len(target), device=target.device), target]
+
+    @torch.no_grad()
+    def explain(self, x: torch.Tensor, classes=None, threshold: float = 0.2) -> CAMEvidence:
+        """The evidence for images ``x`` ``[B, 3, H, W]`` as tensors, nothing rendered: every
+        class's map upsampled bilinearly to the image (Zhou et al.'s step; ``maps[b, k]``) and
+        the box of class ``classes[b]`` (default: the predicted class) by the paper's rule --
+        pixels >= ``threshold`` x the map's maximum, largest connected component -- as the
+        report and ``localization_accuracy`` draw it. Runs in eval mode (the model's mode is
+        restored)."""
+        was_training = self.training
+        self.eval()
+        try:
+            out = self(x)
+        finally:
+            self.train(was_training)
+        logits = out.logits.float()
+        chosen = logits.argmax(1) if classes is None else torch.as_tensor(
+            classes, dtype=torch.long, device=logits.device).reshape(-1).expand(len(logits))
+        if chosen.numel() and not 0 <= int(chosen.min()) <= int(chosen.max()) < self.num_classes:
+            raise UserError(f"classes must lie in 0..{self.num_classes - 1}, got "
+                            f"{chosen.tolist()}")
+        maps = upsample(out.cams, tuple(x.shape[-2:]))
+        boxes = torch.tensor([threshold_box(maps[b, int(k)].cpu().numpy(), threshold)
+                              for b, k in enumerate(chosen.tolist())], dtype=torch.long)
+        return CAMEvidence(logits=logits, classes=chosen, maps=maps,
+                           boxes=boxes.reshape(-1, 4).to(logits.device))
 
     def explanation_metrics(self, output: CAMOutput, batch: dict) -> dict[str, torch.Tensor]:
         """Pointing, region on the part, relevance mass, ``cam_iou`` and ``localization_accuracy``

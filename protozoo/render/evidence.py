@@ -28,7 +28,7 @@ import torch
 
 from ..errors import DataError, UserError
 from ..maps import percentile_box, upsample
-from ..models.protopnet.push import MAP_UPSAMPLING, high_activation_boxes
+from ..models.protopnet.push import MAP_UPSAMPLING, high_activation_boxes, locate_sources
 from ..models.protopnet.prune import MIN_SPECIFICITY
 from .html import esc, img_tag, metrics_table, table, write_page
 from .overlay import draw_box, heatmap_overlay, mask_outline, save_png, upscale
@@ -114,7 +114,9 @@ class PrototypeSources:
     def __init__(self, model, data=None, size: int | None = None):
         self.records = {int(r["prototype"]): r for r in model.metadata.get("prototypes") or []}
         self.push = data.push if data is not None else None
-        self.paths = list(self.push.paths) if self.push is not None else []
+        records = list(self.records.values())  # where each source is in the push data, if it is
+        at = locate_sources(records, self.push) if self.push is not None else []
+        self.index = {int(r["prototype"]): n for r, n in zip(records, at)}
         self.size = int(size or model.metadata.get("image_size") or 224)
         self._cache: dict = {}
 
@@ -135,9 +137,9 @@ class PrototypeSources:
         return self._cache[key]
 
     def _load(self, rec: dict) -> np.ndarray | None:
-        i, path = rec.get("image_index"), rec.get("image_path")
-        if i is not None and 0 <= int(i) < len(self.paths) and _same_file(self.paths[i], path):
-            return self.push.raw_image(int(i))
+        path = rec.get("image_path")
+        if self.index.get(int(rec["prototype"])) is not None:
+            return self.push.raw_image(self.index[int(rec["prototype"])])
         if path and Path(path).is_file():
             from ..data.images import decode_sample
 
@@ -146,11 +148,6 @@ class PrototypeSources:
             except DataError:
                 return None
         return None
-
-
-def _same_file(a: str, b: str | None) -> bool:
-    """The push item is the recorded one (same class folder and name if the data moved)."""
-    return b is None or a == b or Path(a).parts[-2:] == Path(b).parts[-2:]
 
 
 # ----------------------------------------------------------------------------- panels

@@ -25,14 +25,15 @@ from torch import nn
 
 from ... import losses
 from ...config import Phase, TrainConfig
-from ...maps import upsample
+from ...errors import UserError
+from ...maps import percentile_boxes, upsample
 from ...metrics import part_share, pointing, region_chance, region_on_part, region_side, \
     relevance_mass
-from ...outputs import PrototypeOutput
+from ...outputs import PrototypeEvidence, PrototypeOutput
 from ...registry import register_model
 from ..base import ZooModel
 from .prune import MIN_SPECIFICITY, assess_prototypes, prune_action
-from .push import MAP_UPSAMPLING, push_action, source_similarity_maps
+from .push import MAP_UPSAMPLING, push_action, source_indices, source_similarity_maps
 
 LOG_EPSILON = 1e-4  # the official code's epsilon in log((d + 1) / (d + eps))
 INCORRECT_CLASS_WEIGHT = -0.5  # Chen et al.: initial last-layer weight to other classes
@@ -96,7 +97,7 @@ def nearest_distances(features: torch.Tensor, prototypes: torch.Tensor,
 
 @register_model("protopnet")
 class ProtoPNet(ZooModel):
-    def __init__(self, backbone: str = "tiny_cnn_rf18", num_classes: int | None = None,
+    def __init__(self, backbone: str = "tiny_cnn_rf10", num_classes: int | None = None,
                  pretrained=False, stage: int = -1, prototypes_per_class: int = 10,
                  prototype_dim: int = 128, add_on: str = "regular", similarity: str = "log",
                  prototype_classes: list[int] | None = None,
@@ -177,9 +178,44 @@ class ProtoPNet(ZooModel):
         """``[B, K, P]``: similarity x last-layer weight; sums over P to the logits."""
         return output.similarities.float().unsqueeze(1) * self.last_layer.weight.float()
 
+    @torch.no_grad()
+    def explain(self, x: torch.Tensor, prototypes=None,
+                percentile: float = 95.0) -> PrototypeEvidence:
+        """The evidence for images ``x`` ``[B, 3, H, W]`` as tensors, nothing rendered (Chen et
+        al.'s Fig. 3): for each prototype asked for (``prototypes``, indices; default all),
+        its similarity to the closest patch, its contribution to every class (similarity x
+        last-layer weight; summed over all prototypes they give the logits), its similarity map
+        upsampled bicubically to the image as the official code does, and its high-activation
+        box (pixels at or above the map's ``percentile``-th percentile), the rule push
+        provenance and the report use. The maps take ``B x P' x H x W`` floats: ask for fewer
+        prototypes on large models. Runs in eval mode (the model's mode is restored)."""
+        was_training = self.training
+        self.eval()
+        try:
+            out = self(x)
+        finally:
+            self.train(was_training)
+        device = out.logits.device
+        chosen = (torch.arange(self.num_prototypes, device=device) if prototypes is None else
+                  torch.as_tensor(prototypes, dtype=torch.long, device=device).reshape(-1))
+        if chosen.numel() and not 0 <= int(chosen.min()) <= int(chosen.max()) < \
+                self.num_prototypes:
+            raise UserError(f"prototypes must lie in 0..{self.num_prototypes - 1}, got "
+                            f"{chosen.tolist()}")
+        maps = upsample(out.similarity_maps[:, chosen], tuple(x.shape[-2:]), MAP_UPSAMPLING)
+        B, P, H, W = maps.shape
+        boxes = percentile_boxes(maps.reshape(B * P, H, W), percentile).reshape(B, P, 4)
+        return PrototypeEvidence(
+            logits=out.logits.float(), prototypes=chosen,
+            prototype_class=self.prototype_class[chosen],
+            similarities=out.similarities.float()[:, chosen],
+            contributions=self.contributions(out)[:, :, chosen], similarity_maps=maps,
+            boxes=boxes)
+
     # ---------------------------------------------------------------- training
     report_writer = "protozoo.render.evidence:write_evidence_report"
     map_upsampling = MAP_UPSAMPLING
+    uses_training_images = True  # the gallery and prototype metrics read the push set
     loss_terms = ("cross_entropy", "cluster", "separation", "l1")
     schedules = ("auto", "short", "paper")
 
@@ -259,7 +295,7 @@ class ProtoPNet(ZooModel):
           their source image (bicubic, as the report draws it) peaks on the part, and
           ``prototype_region_on_part``, each beside its ``_chance`` level."""
         records = self.metadata.get("prototypes")
-        if not records:
+        if not records or data.push is None:
             return {}
         device = next(self.parameters()).device
         maps = source_similarity_maps(self, data.push, records, device=device, amp=amp)
@@ -274,8 +310,8 @@ class ProtoPNet(ZooModel):
                "prototype_class_specificity": float(specificity.mean()),
                "class_agnostic_prototypes": int((specificity < MIN_SPECIFICITY).sum())}
         if data.has_masks:
-            masks = torch.stack([data.push[int(r["image_index"])]["mask"][0]
-                                 for r in records]).to(maps.device)
+            masks = torch.stack([data.push[i]["mask"][0] for i in
+                                 source_indices(records, data.push)]).to(maps.device)
             size = tuple(masks.shape[-2:])
             up = upsample(maps[:, None], size, MAP_UPSAMPLING)[:, 0]
             side = region_side(size[-1])

@@ -29,10 +29,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pathlib import PurePath
+
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from ...errors import UserError
 from ...maps import percentile_boxes, upsample
 from ...runtime import autocast_for, to_device
 
@@ -249,8 +252,50 @@ def source_similarity_maps(model, dataset, records: list[dict], batch_size: int 
     """``[P, h, w]``: each prototype's similarity map over its recorded source image, computed by
     the model as it is now (the maps the report and the metrics must agree with)."""
     device = device or next(model.parameters()).device
-    images = torch.tensor([int(r["image_index"]) for r in records], dtype=torch.long)
+    images = torch.tensor(source_indices(records, dataset), dtype=torch.long)
     unique, slot = torch.unique(images, return_inverse=True)
     feats = source_features(model, dataset, unique.tolist(), batch_size, device, amp)
     _, maps = model.prototype_distances(feats)  # [U, P, h, w], exact at each minimum
     return model.similarity_of(maps[slot.to(maps.device), torch.arange(len(records))])
+
+
+def same_file(a: str, b: str | None) -> bool:
+    """Is push item path ``a`` the recorded source ``b`` (the same class folder and file name
+    count, so data that moved still matches)?"""
+    return b is None or a == b or PurePath(a).parts[-2:] == PurePath(b).parts[-2:]
+
+
+def locate_sources(records: list[dict], dataset) -> list[int | None]:
+    """Each push record's source image as an index into ``dataset``: the recorded
+    ``image_index`` when the item there has the recorded ``image_path``, else the item that has
+    it, else None. The push set a model was projected onto may be part of the data given later
+    (a model trained from Python, whose validation split was carved out of ``train_data``,
+    evaluated with ``push_data=train_data``)."""
+    paths = getattr(dataset, "paths", None)
+    if paths is None:
+        return [int(r["image_index"]) for r in records]
+    paths = [str(p) for p in paths]
+    where: dict | None = None
+    found: list[int | None] = []
+    for r in records:
+        i, path = int(r["image_index"]), r.get("image_path")
+        if 0 <= i < len(paths) and same_file(paths[i], path):
+            found.append(i)
+            continue
+        if where is None:
+            where = {}
+            for n, p in reversed(list(enumerate(paths))):  # the first item wins
+                where[p] = where[PurePath(p).parts[-2:]] = n
+        found.append(where.get(path, where.get(PurePath(str(path)).parts[-2:])))
+    return found
+
+
+def source_indices(records: list[dict], dataset) -> list[int]:
+    """:func:`locate_sources`, with a one-line error for a source the data does not hold."""
+    found = locate_sources(records, dataset)
+    for r, n in zip(records, found):
+        if n is None:
+            raise UserError(f"prototype p{r.get('prototype')}'s source image "
+                            f"'{r.get('image_path')}' is not in the push data: pass the "
+                            "training data the model was trained on (push_data=train_data)")
+    return found
