@@ -288,6 +288,13 @@ def resolve_explainers(names="all", params: dict | None = None, model=None) -> l
     ``{name: {parameter: value}}``. With ``model``, ``"all"`` leaves out ``intrinsic`` for a
     family without an intrinsic map."""
     params = params or {}
+    if isinstance(names, str) and "," in names:  # "intrinsic,gradcam", as the command line has it
+        names = [n.strip() for n in names.split(",") if n.strip()]
+        if "all" in names:
+            raise UserError(f"explainers '{','.join(names)}': 'all' stands alone (it means "
+                            f"every one of {', '.join(EXPLAINERS)})")
+    if isinstance(names, (list, tuple)) and not names:
+        raise UserError(f"no explainer named: choose from {', '.join(EXPLAINERS)} (or 'all')")
     if isinstance(names, (str, Explainer)):
         if names == "all":
             names = [n for n in EXPLAINERS
@@ -300,6 +307,22 @@ def resolve_explainers(names="all", params: dict | None = None, model=None) -> l
     if len(set(seen)) != len(seen):
         raise UserError(f"explainers {', '.join(seen)} name one explainer twice")
     return out
+
+
+def check_explainers(names="all", params: dict | None = None, model=None) -> list[Explainer]:
+    """:func:`resolve_explainers`, and a one-line UserError before any work when one of them
+    needs Captum and Captum is not installed."""
+    methods = resolve_explainers(names, params, model)
+    need = [e.name for e in methods if e.needs_captum]
+    if need:
+        try:
+            import captum.attr  # noqa: F401
+        except ImportError:
+            raise UserError(f"explainer{'s' if len(need) > 1 else ''} {', '.join(need)} "
+                            f"need{'' if len(need) > 1 else 's'} Captum, which is not installed: "
+                            "pip install 'protozoo[explain]' (intrinsic and random run "
+                            "without it)") from None
+    return methods
 
 
 def check_image_model(model) -> None:

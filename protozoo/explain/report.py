@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..fileio import atomic_path
-from ..render.html import esc, img_tag, table, write_page
+from ..render.html import append_to_page, esc, img_tag, table, write_page
 
 COLUMNS = (  # (metric, header, better); metrics with a _chance companion show it
     ("pointing", "pointing", "higher"),
@@ -172,11 +172,12 @@ def explainer_section(results: dict, files: dict[str, str] | None = None) -> str
 def write_explainer_report(out_dir, results: dict, model=None, dataset=None, *,
                            grid_images: int = 6, embeddings: str | Path | None = None,
                            explainers="all", params=None,
-                           title: str = "Explainers compared") -> Path:
+                           title: str = "Explainers compared", append_to=None) -> Path:
     """Write ``explainers.html`` and its PNGs into ``out_dir``; returns the page's path. The
     grid of maps needs ``model`` and ``dataset`` (its first ``grid_images`` items, batched
     once); ``embeddings``: a PNG already written into ``out_dir`` (see
-    :func:`protozoo.explain.embeddings.embedding_figure`)."""
+    :func:`protozoo.explain.embeddings.embedding_figure`). ``append_to``: a page in
+    ``out_dir`` (a run's ``index.html``) that gets the same section at its end."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = {"deletion": plot_deletion_curves(results, out / "explainers_deletion.png").name}
@@ -192,5 +193,8 @@ def write_explainer_report(out_dir, results: dict, model=None, dataset=None, *,
     if embeddings is not None:
         files["embeddings"] = Path(embeddings).name
     page = out / "explainers.html"
-    write_page(page, title, explainer_section(results, files))
+    section = explainer_section(results, files)
+    write_page(page, title, section)
+    if append_to is not None:
+        append_to_page(append_to, section)
     return page
