@@ -37,11 +37,11 @@ from .sanity import cascading_randomization, rank_correlation, ssim
 from .scoring import evaluate_explainers
 from .training import fresh_copy, train_random_labels
 
-__all__ = ["cascading_randomization", "check_explainers", "create_explainer", "deletion_insertion",
-           "embedding_figure", "evaluate_explainers", "explain", "explain_model",
-           "explainer_metrics", "explainer_section", "fresh_copy", "last_layer_inputs", "list_explainers",
-           "rank_correlation", "remove_top", "ssim", "train_random_labels",
-           "write_explainer_report"]
+__all__ = ["cascading_randomization", "check_explainers", "create_explainer",
+           "deletion_insertion", "embedding_figure", "evaluate_explainers", "explain",
+           "explain_model", "explainer_metrics", "explainer_section", "fresh_copy",
+           "last_layer_inputs", "list_explainers", "rank_correlation", "remove_top", "ssim",
+           "train_random_labels", "write_explainer_report"]
 
 
 def explain_model(model, dataset, out_dir=None, explainers="all", *, params: dict | None = None,
@@ -53,8 +53,8 @@ def explain_model(model, dataset, out_dir=None, explainers="all", *, params: dic
     e.g. ``steps``, ``baseline``, ``target``, ``cascade``); with ``out_dir``, also write
     ``explainers.json`` (the results), ``explainers.html`` and its PNGs there, including the
     embeddings of the trained model and of a random initialisation (:func:`fresh_copy`);
-    ``append_to``: a page in ``out_dir`` that gets the same section. Returns the results (JSON-ready; ``results["scores"]`` is ``{explainer: {metric:
-    value}}``)."""
+    ``append_to``: a page in ``out_dir`` that gets the same section. Returns the results
+    (JSON-ready; ``results["scores"]`` is ``{explainer: {metric: value}}``)."""
     results = evaluate_explainers(model, dataset, explainers, params=params,
                                   num_images=num_images, batch_size=batch_size, device=device,
                                   random_labels_model=random_labels_model, seed=seed, **settings)
