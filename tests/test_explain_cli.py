@@ -102,3 +102,26 @@ def test_python_evaluate_with_explainers(tiny_run, tmp_path):
     assert "Every explanation, judged" in (tmp_path / "rep" / "index.html").read_text()
     with pytest.raises(protozoo.UserError, match="unknown explainer 'nope'"):
         protozoo.evaluate(model, data, explainers="nope")
+
+
+def test_the_images_are_spread_over_the_classes():
+    """A test split stored class by class (synthetic-parts is) is not judged on its first class
+    alone: the evaluation, the grid and the embeddings read every class."""
+    from torch.utils.data import Dataset
+
+    from protozoo.explain.scoring import spread_subset
+
+    class ByClass(Dataset):
+        labels = [k for k in range(4) for _ in range(10)]
+
+        def __len__(self):
+            return len(self.labels)
+
+        def __getitem__(self, i):
+            return {"label": self.labels[i]}
+
+    picked = spread_subset(ByClass(), 8)
+    assert [picked[i]["label"] for i in range(8)] == [0, 1, 2, 3, 0, 1, 2, 3]
+    assert spread_subset(ByClass(), 8).indices == picked.indices  # seeded
+    whole = ByClass()
+    assert spread_subset(whole, None) is whole and spread_subset(whole, 40) is whole

@@ -48,13 +48,13 @@ def explain_model(model, dataset, out_dir=None, explainers="all", *, params: dic
                   num_images: int | None = 128, batch_size: int = 32, device="auto",
                   random_labels_model=None, embeddings: bool = True, embedding_images: int = 500,
                   grid_images: int = 6, seed: int = 0, append_to=None, **settings) -> dict:
-    """Score ``explainers`` on ``model`` over the first ``num_images`` items of ``dataset`` (a
-    test split) with :func:`evaluate_explainers` (``settings``: its other keyword arguments,
-    e.g. ``steps``, ``baseline``, ``target``, ``cascade``); with ``out_dir``, also write
-    ``explainers.json`` (the results), ``explainers.html`` and its PNGs there, including the
-    embeddings of the trained model and of a random initialisation (:func:`fresh_copy`);
-    ``append_to``: a page in ``out_dir`` that gets the same section. Returns the results
-    (JSON-ready; ``results["scores"]`` is ``{explainer: {metric: value}}``)."""
+    """Score ``explainers`` on ``model`` over ``num_images`` items of ``dataset`` (a test
+    split; spread over its classes) with :func:`evaluate_explainers` (``settings``: its other
+    keyword arguments, e.g. ``steps``, ``baseline``, ``target``, ``cascade``); with
+    ``out_dir``, also write ``explainers.json`` (the results), ``explainers.html`` and its PNGs
+    there, including the embeddings of the trained model and of a random initialisation
+    (:func:`fresh_copy`); ``append_to``: a page in ``out_dir`` that gets the same section.
+    Returns the results (JSON-ready; ``results["scores"]`` is ``{explainer: {metric: value}}``)."""
     results = evaluate_explainers(model, dataset, explainers, params=params,
                                   num_images=num_images, batch_size=batch_size, device=device,
                                   random_labels_model=random_labels_model, seed=seed, **settings)

@@ -48,13 +48,13 @@ def prototype_points(model) -> torch.Tensor | None:
 def last_layer_inputs(model, dataset, num_images: int | None = 500, batch_size: int = 64,
                       device="cpu") -> dict:
     """``{"features": [N, D], "labels": [N], "prototypes": [P, D] or None,
-    "prototype_classes": [P] or None}`` (numpy) over the first ``num_images`` items."""
-    from torch.utils.data import Subset
+    "prototype_classes": [P] or None}`` (numpy) over ``num_images`` items spread over the
+    classes (:func:`~protozoo.explain.scoring.spread_subset`)."""
+    from .scoring import spread_subset
 
     device = resolve_device(device) if isinstance(device, str) else device
     model.to(device)
-    if num_images is not None:
-        dataset = Subset(dataset, range(min(int(num_images), len(dataset))))
+    dataset = spread_subset(dataset, num_images)
     feats, labels = [], []
     for batch, output in iterate(model, dataset, batch_size, device, amp="off"):
         feats.append(_last_layer_input(output).float().cpu())
@@ -85,9 +85,9 @@ def project(points: dict, seed: int = 0, perplexity: float = 30.0) -> dict[str, 
 def embedding_figure(trained, untrained, dataset, path, *, num_images: int | None = 500,
                      batch_size: int = 64, device="cpu", seed: int = 0) -> Path:
     """A PNG at ``path``: PCA and t-SNE (columns) of the last layer's inputs of ``trained`` and
-    ``untrained`` (rows; e.g. :func:`protozoo.explain.training.fresh_copy`) on the first
-    ``num_images`` items of ``dataset``, coloured by class; prototypes, if any, as stars in
-    their class's colour."""
+    ``untrained`` (rows; e.g. :func:`protozoo.explain.training.fresh_copy`) on
+    ``num_images`` items of ``dataset`` spread over its classes, coloured by class;
+    prototypes, if any, as stars in their class's colour."""
     import matplotlib
 
     matplotlib.use("Agg")

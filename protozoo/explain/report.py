@@ -65,7 +65,7 @@ def plot_cascade(results: dict, path) -> Path:
     """Spearman and SSIM between trained and randomised maps after each layer is randomised."""
     plt = _plt()
     cas = results["cascade"]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
+    fig, axes = plt.subplots(1, 2, figsize=(13.5, 4.4))
     xs = np.arange(len(cas["layers"]))
     for ax, key in zip(axes, ("spearman", "ssim")):
         for name, ys in cas[key].items():
@@ -77,7 +77,7 @@ def plot_cascade(results: dict, path) -> Path:
         ax.set_title(f"{'Spearman rank correlation' if key == 'spearman' else 'SSIM'} with the "
                      "trained model's maps", fontsize=10)
         ax.set_xlabel("randomised down to layer (cumulative, top first)")
-        ax.legend(fontsize=7)
+    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # off the lines
     fig.tight_layout()
     _save(fig, Path(path))
     return Path(path)
@@ -150,7 +150,7 @@ def explainer_section(results: dict, files: dict[str, str] | None = None) -> str
     cpu = f" ({s['cpu_seconds']:.0f} s of CPU time)" if "cpu_seconds" in s else ""
     parts = ["<h2>Every explanation, judged on the same model and images</h2>",
              scores_table(results),
-             f"<p>{esc(s['num_images'])} test images (the first of the split), batches of "
+             f"<p>{esc(s['num_images'])} test images (spread over the classes), batches of "
              f"{esc(s['batch_size'])} (memory: one batch), accuracy on them {esc(accuracy)}; "
              f"each map explains the {esc(s['target'])}. Deletion/insertion: {esc(s['steps'])} "
              f"steps, removed pixels set to the '{esc(s['baseline'])}' baseline, curve = softmax "
@@ -174,8 +174,8 @@ def write_explainer_report(out_dir, results: dict, model=None, dataset=None, *,
                            explainers="all", params=None,
                            title: str = "Explainers compared", append_to=None) -> Path:
     """Write ``explainers.html`` and its PNGs into ``out_dir``; returns the page's path. The
-    grid of maps needs ``model`` and ``dataset`` (its first ``grid_images`` items, batched
-    once); ``embeddings``: a PNG already written into ``out_dir`` (see
+    grid of maps needs ``model`` and ``dataset`` (``grid_images`` items spread over its
+    classes, batched once); ``embeddings``: a PNG already written into ``out_dir`` (see
     :func:`protozoo.explain.embeddings.embedding_figure`). ``append_to``: a page in
     ``out_dir`` (a run's ``index.html``) that gets the same section at its end."""
     out = Path(out_dir)
@@ -184,7 +184,10 @@ def write_explainer_report(out_dir, results: dict, model=None, dataset=None, *,
     if "cascade" in results:
         files["cascade"] = plot_cascade(results, out / "explainers_cascade.png").name
     if model is not None and dataset is not None and grid_images > 0:
-        items = [dataset[i] for i in range(min(grid_images, len(dataset)))]
+        from .scoring import spread_subset
+
+        shown = spread_subset(dataset, grid_images)  # one image per class, in class order
+        items = [shown[i] for i in range(min(grid_images, len(shown)))]
         images = torch.stack([torch.as_tensor(it["image"]) for it in items]).float()
         masks = (torch.stack([torch.as_tensor(it["mask"]) for it in items])
                  if all("mask" in it for it in items) else None)

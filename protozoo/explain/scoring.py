@@ -1,6 +1,6 @@
 """One evaluation of every explainer on the same model and the same images.
 
-For each batch of the first ``num_images`` images of a dataset (in order), every explainer
+For each batch of ``num_images`` images of a dataset (spread over its classes), every explainer
 explains the same target classes (the prediction, or the label), and its maps are scored at once
 and dropped, so memory stays that of one batch whatever the number of images:
 
@@ -30,6 +30,19 @@ from .faithfulness import deletion_insertion
 from .sanity import cascading_randomization, similarity
 
 
+def spread_subset(dataset, count: int | None, seed: int = 0):
+    """``count`` items of ``dataset`` spread over its classes, round-robin in class order and
+    seeded (:func:`protozoo.data.base.pick_examples`), so a split stored class by class is not
+    read as its first class alone and every batch holds every class; all of it when ``count``
+    is None or not smaller."""
+    if count is None or int(count) >= len(dataset):
+        return dataset
+    from ..data.base import pick_examples
+    from .training import dataset_labels
+
+    return Subset(dataset, pick_examples(dataset_labels(dataset), int(count), seed))
+
+
 def _seeded(explainer, offset: int):
     """The explainer with its noise seed moved by ``offset`` (each batch gets its own noise)."""
     if any(f.name == "seed" for f in dataclasses.fields(explainer)):
@@ -55,7 +68,8 @@ def evaluate_explainers(model, dataset, explainers="all", *, params: dict | None
                         blur_sigma: float | None = None, sanity_images: int = 16,
                         cascade: bool = True, random_labels_model=None, seed: int = 0) -> dict:
     """Score ``explainers`` (``"all"``, a name or a list; ``params``: ``{name: {parameter:
-    value}}``) on ``model`` over the first ``num_images`` items of ``dataset`` (all if None).
+    value}}``) on ``model`` over ``num_images`` items of ``dataset`` spread over its classes
+    (:func:`spread_subset`; all if None).
 
     ``target``: ``"prediction"`` (default) or ``"label"``: the class every map explains.
     ``steps``, ``baseline``, ``blur_sigma``: the deletion/insertion settings
@@ -74,8 +88,7 @@ def evaluate_explainers(model, dataset, explainers="all", *, params: dict | None
     methods = [_seeded(e, seed) for e in methods]
     device = resolve_device(device) if isinstance(device, str) else device
     model.to(device)
-    if num_images is not None:
-        dataset = Subset(dataset, range(min(int(num_images), len(dataset))))
+    dataset = spread_subset(dataset, num_images, seed)
     if len(dataset) == 0:
         raise UserError("no images to explain: the dataset is empty")
     names = [e.name for e in methods]
