@@ -66,6 +66,21 @@ def last_layer_inputs(model, dataset, num_images: int | None = 500, batch_size: 
             "prototype_classes": None if protos is None else classes.cpu().numpy()}
 
 
+def _zoom_to_images(ax, xy: np.ndarray, n: int) -> str:
+    """Limit the view to the images' points (the first ``n`` of ``xy``) when the prototypes
+    spread so much wider that the images would shrink to a dot (a random initialisation's
+    prototypes, uniform in the unit cube, against features that barely vary); returns the
+    title's note of how many prototypes fall outside."""
+    lo, hi = xy[:n].min(0), xy[:n].max(0)
+    if np.all(hi - lo >= 0.25 * np.ptp(xy, 0)):
+        return ""
+    pad = 0.1 * (hi - lo) + 1e-9
+    ax.set_xlim(lo[0] - pad[0], hi[0] + pad[0])
+    ax.set_ylim(lo[1] - pad[1], hi[1] + pad[1])
+    outside = int(((xy[n:] < lo - pad) | (xy[n:] > hi + pad)).any(1).sum())
+    return f"\n(zoomed on the images: {outside} of {len(xy) - n} prototypes outside)"
+
+
 def project(points: dict, seed: int = 0, perplexity: float = 30.0) -> dict[str, np.ndarray]:
     """2-D PCA and t-SNE of :func:`last_layer_inputs`: ``{"pca": [N(+P), 2], "tsne": ...}``,
     images first, then prototypes."""
@@ -115,7 +130,10 @@ def embedding_figure(trained, untrained, dataset, path, *, num_images: int | Non
                 ax.scatter(xy[n:, 0], xy[n:, 1], s=110, marker="*",
                            c=[cmap(int(k) % cmap.N) for k in pc], edgecolors="black",
                            linewidths=0.8, label="prototypes")
-            ax.set_title(f"{label}: {'PCA' if method == 'pca' else 't-SNE'}", fontsize=10)
+            title = f"{label}: {'PCA' if method == 'pca' else 't-SNE'}"
+            if method == "pca" and len(xy) > n:
+                title += _zoom_to_images(ax, xy, n)
+            ax.set_title(title, fontsize=10)
             ax.set_xticks([])
             ax.set_yticks([])
     axes[0][0].legend(fontsize=7, markerscale=1.2, loc="best")

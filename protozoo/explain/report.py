@@ -87,7 +87,8 @@ def maps_grid(model, images: torch.Tensor, path, explainers="all", params=None,
               masks: torch.Tensor | None = None, target: torch.Tensor | None = None) -> Path:
     """A PNG grid: a row per image (``[N, 3, H, W]``, normalised as the model expects), the
     image (part mask outlined) then every explainer's map for the same target (default: the
-    prediction) blended over it."""
+    prediction) blended over it, clipped at 0 (the evidence for the class) and scaled to its
+    own maximum."""
     from ..data import denormalize
     from ..render.overlay import heatmap_overlay, mask_outline
     from .explainers import explain, predict, resolve_explainers
@@ -109,7 +110,10 @@ def maps_grid(model, images: torch.Tensor, path, explainers="all", params=None,
         k = int(target[i])
         axes[i][0].set_ylabel(names[k] if k < len(names) else str(k), fontsize=7)
         for j, e in enumerate(methods, start=1):
-            axes[i][j].imshow(heatmap_overlay(rgb, maps[e.name][i].numpy(), alpha=0.6))
+            # positive evidence only: a signed map's zero would otherwise take a colour of
+            # its own in each image (Integrated Gradients, occlusion, a CAM)
+            shown_map = maps[e.name][i].clamp_min(0).numpy()
+            axes[i][j].imshow(heatmap_overlay(rgb, shown_map, alpha=0.6))
         for ax in axes[i]:
             ax.set_xticks([])
             ax.set_yticks([])
@@ -158,7 +162,9 @@ def explainer_section(results: dict, files: dict[str, str] | None = None) -> str
              "from the top down, Spearman and SSIM against the trained model's maps on the first "
              f"{esc(sanity_images)} images (Adebayo et al. 2018). Seed {esc(s['seed'])}; "
              f"{esc(seconds)} s in all{esc(cpu)} on {esc(s['device'])}.</p>"]
-    captions = {"grid": "Every explainer's map of the same images (part outlined in red).",
+    captions = {"grid": "Every explainer's map of the same images (part outlined in red), "
+                        "clipped at 0 (evidence for the class) and scaled to its own maximum; "
+                        "an all-blue map is 0 everywhere.",
                 "deletion": "Deletion and insertion curves, mean over images.",
                 "cascade": "Cascading randomisation: similarity to the trained model's maps.",
                 "embeddings": "Last layer's inputs, trained against random initialisation."}
