@@ -32,7 +32,8 @@ from .data import DataBundle, stratified_split
 from .data.contract import adapt, check_samples
 from .engine import Trainer, read_resume_state, setup_distributed
 from .errors import DataError, UserError
-from .evaluation import PYTHON_DATA, check_classes, model_metrics, write_report
+from .evaluation import (PYTHON_DATA, check_classes, check_explainer_request, explainer_results,
+                         model_metrics, write_report)
 from .fileio import atomic_write_text
 from .models.base import ZooModel
 from .registry import create_model, saved_kwargs
@@ -107,7 +108,8 @@ def train(model: ZooModel, train_data, val_data=None, *, schedule: str | None = 
 
 def evaluate(model: ZooModel, test_data, *, report_dir=None, push_data=None,
              batch_size: int = 64, device: str = "auto", amp: str = "auto",
-             images: list | None = None) -> dict:
+             images: list | None = None, explainers=None,
+             explainer_options: dict | None = None) -> dict:
     """Test metrics of ``model`` on ``test_data`` -- accuracy, mean per-class accuracy and the
     family's explanation metrics (scored against ``mask``/``box`` where the items carry them)
     -- and, with ``report_dir``, the family's report (``index.html``) and ``metrics.json``
@@ -115,7 +117,15 @@ def evaluate(model: ZooModel, test_data, *, report_dir=None, push_data=None,
     :class:`~protozoo.data.DataBundle` (its test split and push set). ``push_data``: the
     training data the model was trained on (a ProtoPNet's report shows the training patches
     its prototypes come from, and its prototype metrics read them; without it they are left
-    out). ``images``: image files the report explains too. Returns the metrics dict."""
+    out). ``images``: image files the report explains too. ``explainers`` (``"all"``, a name,
+    a list or ``"a,b"``): also judge those explainers -- the model's own explanation and the
+    post-hoc ones -- on the same test images (:mod:`protozoo.explain`): the metrics get
+    ``"explainers"`` (one key per explainer: ground-truth scores with chance levels, deletion
+    and insertion AUC, cascading randomisation) and ``"explainer_settings"``, and the report
+    its section (table, curves, cascade, grid of maps, embeddings); ``explainer_options``: the
+    keyword arguments of :func:`protozoo.explain.explain_model` (``num_images``,
+    ``batch_size``, ``steps``, ``params``, ``random_labels_model``, ...). Returns the metrics
+    dict."""
     _check_model(model)
     if images and not model.explains_images:
         raise UserError(f"images: a '{model.model_name}' model answers questions about an "
@@ -128,13 +138,21 @@ def evaluate(model: ZooModel, test_data, *, report_dir=None, push_data=None,
         check_classes(model, data.class_names, "test_data")
     else:
         data = _evaluation_data(model, test_data, push_data, report_dir is not None)
+    if explainers is not None:
+        check_explainer_request(model, explainers, explainer_options)
     device = resolve_device(device)
     metrics = model_metrics(model, data, batch_size, device, amp)
+    out = None
     if report_dir is not None:
         out = Path(report_dir)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
         write_report(model, data, out, metrics, images=[str(p) for p in images or []])
+    if explainers is not None:
+        metrics.update(explainer_results(model, data, explainers, out, device,
+                                         explainer_options))
+        if out is not None:
+            atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     return metrics
 
 

@@ -49,6 +49,8 @@ EVALUATE_DOC = """Evaluate a trained run: test metrics (metrics.json) and the ex
     protozoo-evaluate runs/cam                         # metrics.json + report/index.html
     protozoo-evaluate runs/protopnet --report --images cat.jpg dog.png
     protozoo-evaluate my_checkpoint --dataset digits   # a checkpoint saved with protozoo.save
+    protozoo-evaluate runs/cam --explainers all        # + every explainer judged side by side
+    protozoo-evaluate runs/cam --explainers intrinsic,gradcam --explainer-images 64
 (python evaluate.py takes the same arguments.)"""
 
 
@@ -310,6 +312,17 @@ def evaluate_main(argv=None, prog: str | None = None) -> int:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--out", metavar="DIR", help="write metrics.json and report/ here instead of "
                    "into the run folder (e.g. for a read-only run)")
+    p.add_argument("--explainers", metavar="NAMES",
+                   help="also judge explainers on the same test images: 'all' or a comma list "
+                   "of intrinsic, gradient, smoothgrad, integrated_gradients, occlusion, "
+                   "gradcam, guided_backprop, random (metrics.json key 'explainers', and a "
+                   "report section); the post-hoc ones need pip install 'protozoo[explain]'")
+    p.add_argument("--explainer-images", type=int, default=128, metavar="N",
+                   help="with --explainers: the first N test images (default 128; 0: all)")
+    p.add_argument("--random-labels", action="store_true",
+                   help="with --explainers: also train a copy on shuffled labels with the "
+                   "run's schedule and compare its maps (Adebayo et al.'s data randomisation "
+                   "test; takes as long as the training)")
     args = p.parse_args(argv)
     # Checked before the (long) evaluation, so a typo in a path fails at once.
     missing = [path for path in args.images if not os.path.isfile(path)]
@@ -317,11 +330,30 @@ def evaluate_main(argv=None, prog: str | None = None) -> int:
         raise UserError(f"image '{missing[0]}' not found (or not a file): check the --images paths")
     if args.images and not args.report:
         raise UserError("--images are explained in the report: drop --no-report")
+    if args.explainers is not None:
+        from .explain.explainers import check_explainers
+
+        check_explainers(args.explainers)  # names and Captum, before loading anything
+        if args.explainer_images < 0:
+            raise UserError(f"--explainer-images {args.explainer_images} must be >= 0 (0: all)")
+    elif args.random_labels:
+        raise UserError("--random-labels is a check of the explainers: add --explainers")
     overrides = {"dataset": args.dataset, "data_dir": args.data_dir, "batch_size": args.batch_size}
+    options = {"num_images": args.explainer_images or None}
     metrics = evaluate_run(args.run, device=args.device, report=args.report, images=args.images,
-                           overrides=overrides, out_dir=args.out)
+                           overrides=overrides, out_dir=args.out, explainers=args.explainers,
+                           explainer_options=options, random_labels=args.random_labels)
     for key, value in metrics.items():
-        print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+        if key == "explainers":
+            for name, scores in value.items():
+                print(f"explainer {name}: " + ", ".join(
+                    f"{k}={v:.3f}" for k, v in scores.items()
+                    if not k.endswith("_chance") and k != "seconds"))
+        elif key == "explainer_settings":
+            print(f"explainers: {value['num_images']} images, {value['seconds']:.1f} s "
+                  f"({value['cpu_seconds']:.1f} s CPU) on {value['device']}")
+        else:
+            print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
     out = args.out or args.run
     print(f"wrote {out}/metrics.json" + (f" and {out}/report/index.html" if args.report else ""))
     return 0

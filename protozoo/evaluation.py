@@ -129,13 +129,40 @@ def _cannot_write(path: Path, exc: OSError, own: bool) -> UserError:
            else "make it writable")
     where = "write metrics and report elsewhere with --out DIR" if own else "choose another --out"
     return UserError(f"cannot write in '{path}' ({exc.strerror}): {fix}, or {where}")
+def check_explainer_request(model, explainers, options: dict | None = None) -> None:
+    """One-line UserErrors, before any evaluation, for explainers that cannot run on ``model``:
+    an unknown name (the valid ones listed), Captum missing, a model without an image input."""
+    from .explain import check_explainers
+    from .explain.explainers import check_image_model
+
+    check_image_model(model)
+    check_explainers(explainers, (options or {}).get("params"), model)
+
+
+def explainer_results(model, data, explainers, report_dir, device, options: dict | None = None,
+                      random_labels_model=None) -> dict:
+    """What ``metrics.json`` gets from the explainer evaluation on ``data.test`` (see
+    :func:`protozoo.explain.explainer_metrics`; ``options``: its keyword arguments, e.g.
+    ``num_images``, ``batch_size``, ``steps``); with ``report_dir``, its section of the
+    report."""
+    from .explain import explainer_metrics
+
+    options = dict(options or {})
+    if random_labels_model is not None:
+        options["random_labels_model"] = random_labels_model
+    return explainer_metrics(model, data.test, explainers, report_dir, device=device, **options)
 
 
 def evaluate_run(run_dir, model=None, data=None, device="auto", report: bool = True,
                  images: list[str] | None = None, overrides: dict | None = None,
-                 out_dir=None) -> dict:
+                 out_dir=None, explainers=None, explainer_options: dict | None = None,
+                 random_labels: bool = False) -> dict:
     """Write ``metrics.json`` (and ``report/``) into ``out_dir`` (default ``run_dir``); returns
-    the metrics. A folder that cannot be written is a one-line error before anything runs."""
+    the metrics. A folder that cannot be written is a one-line error before anything runs.
+    ``explainers`` (``"all"``, a name, a list or ``"a,b"``): also judge those explainers on the
+    test images (:func:`explainer_results`: ``metrics["explainers"]``, one key each, and their
+    section of the report); ``random_labels``: with them, train a copy of the model on
+    shuffled labels with the run's schedule for the data randomisation test."""
     run_dir = Path(run_dir)
     out = Path(out_dir) if out_dir is not None else run_dir
     if run_dir.is_dir() or out_dir is not None:
@@ -147,6 +174,10 @@ def evaluate_run(run_dir, model=None, data=None, device="auto", report: bool = T
         raise UserError(f"--images: a '{model.model_name}' model answers questions about an "
                         "image, so an image alone has nothing to explain; drop --images (the "
                         "report explains test questions)")
+    if random_labels and explainers is None:
+        raise UserError("--random-labels is a check of the explainers: add --explainers")
+    if explainers is not None:
+        check_explainer_request(model, explainers, explainer_options)
     cfg = run_config(run_dir, overrides)
     if data is None:
         data = build_eval_data(cfg, model)
@@ -159,4 +190,19 @@ def evaluate_run(run_dir, model=None, data=None, device="auto", report: bool = T
             write_report(model, data, out / "report", metrics, images=images)
     except OSError as exc:
         raise _cannot_write(Path(exc.filename or out), exc, out_dir is None) from None
+    if explainers is not None:
+        shuffled = None
+        if random_labels:
+            from .explain import train_random_labels
+
+            shuffled = train_random_labels(model, data, epochs=cfg.epochs, lr=cfg.lr,
+                                           batch_size=cfg.batch_size, seed=cfg.seed,
+                                           device=device)
+        metrics.update(explainer_results(model, data, explainers,
+                                         out / "report" if report else None, device,
+                                         explainer_options, shuffled))
+        try:
+            atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+        except OSError as exc:
+            raise _cannot_write(Path(exc.filename or out), exc, out_dir is None) from None
     return metrics

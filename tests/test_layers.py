@@ -118,6 +118,8 @@ def _within(module: str, prefix: str) -> bool:
     ("protozoo.data", "protozoo.models"),  # datasets never know the models
     ("protozoo.render", "protozoo.evaluation"),  # drawing never runs an evaluation
     ("protozoo.engine", "protozoo.models"),  # the loop knows no family module
+    ("protozoo.render", "protozoo.explain"),  # drawing never runs an explainer
+    ("protozoo.explain", "protozoo.evaluation"),  # explainers judged without the run evaluation
 ])
 def test_forbidden_imports(importer, forbidden):
     bad = sorted(f"{a} imports {b}" for a, targets in import_graph().items()

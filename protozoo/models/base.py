@@ -99,6 +99,8 @@ class ZooModel(nn.Module):
     # protozoo.render.cam_report.write_cam_report); None: the page of metrics alone. A name, not
     # the function, because the renderers import the families' algorithms, not the other way.
     report_writer: str | None = None
+    # How its maps at feature resolution are upsampled to pixels (protozoo.maps.upsample mode).
+    map_upsampling: str = "bilinear"
     # What a run this family extends must be (train.py --base RUN; said in the error when it is
     # missing); None: the family trains from scratch and --base is an error.
     base_run: str | None = None
@@ -239,6 +241,12 @@ class ZooModel(nn.Module):
         ``prototype_purity`` over the push set); evaluation adds them to ``metrics.json``.
         ``amp``: the precision of any inference they run (``--amp``, as for the test metrics)."""
         return {}
+
+    def intrinsic_map(self, output, target: torch.Tensor) -> torch.Tensor | None:
+        """The model's own explanation of class ``target[b]`` as one map ``[B, h, w]`` at feature
+        resolution (larger = more evidence), from the output of its forward pass; ``None`` for a
+        family without one. :mod:`protozoo.explain` compares it with post-hoc explainers."""
+        return None
 
     def logits_view(self) -> nn.Module:
         """A module whose forward returns the logits tensor only, sharing this model's

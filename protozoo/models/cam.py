@@ -50,6 +50,10 @@ class CAMNet(ZooModel):
         cams = torch.einsum("kc,bchw->bkhw", self.fc.weight.to(features.dtype), features)
         return CAMOutput(logits=logits, stride=self.stride, features=features, cams=cams)
 
+    def intrinsic_map(self, output: CAMOutput, target: torch.Tensor) -> torch.Tensor:
+        """The class activation map of class ``target[b]``, ``[B, h, w]``."""
+        return output.cams[torch.arange(len(target), device=target.device), target]
+
     @torch.no_grad()
     def explain(self, x: torch.Tensor, classes=None, threshold: float = 0.2) -> CAMEvidence:
         """The evidence for images ``x`` ``[B, 3, H, W]`` as tensors, nothing rendered: every

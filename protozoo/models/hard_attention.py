@@ -298,6 +298,11 @@ class HAN(CellReasoner):
                          scores=cells.scores.view(b, h, w), kept=kept.view(b, h, w),
                          glimpse_logits=cells.glimpse_logits)
 
+    def intrinsic_map(self, output: VQAOutput, target: torch.Tensor) -> torch.Tensor:
+        """The kept cells ``[B, h, w]``: 1 on a cell the reasoning saw, 0 elsewhere (whatever
+        answer ``target`` names)."""
+        return output.kept.float()
+
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """``backbone`` and ``head``, and ``describe`` (the describe head, trained only by the
         ``describe`` phase) when ``describe_steps`` > 0."""

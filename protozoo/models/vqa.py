@@ -371,6 +371,10 @@ class SAN(VQAModel):
         attention = torch.stack(maps, 1).view(b, len(self.hops), h, w)
         return VQAOutput(logits=self.answer(u), stride=self.stride, attention=attention)
 
+    def intrinsic_map(self, output: VQAOutput, target: torch.Tensor) -> torch.Tensor:
+        """The last hop's attention ``[B, h, w]`` (the same whatever answer ``target`` names)."""
+        return output.attention[:, -1]
+
 
 # ----------------------------------------------------------------------------- CNN + LSTM
 

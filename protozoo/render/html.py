@@ -33,6 +33,15 @@ def write_page(path: str | Path, title: str, body: str) -> None:
     atomic_write_text(path, page)
 
 
+def append_to_page(path: str | Path, body: str) -> None:
+    """Add ``body`` (HTML) at the end of the page :func:`write_page` wrote at ``path``."""
+    page = Path(path).read_text()
+    end = page.rfind("</body>")
+    if end < 0:
+        raise ValueError(f"{path} is not a page write_page wrote (no </body>)")
+    atomic_write_text(path, page[:end] + body + "\n" + page[end:])
+
+
 def table(header: list[str], rows: list[list[str]]) -> str:
     """A table; ``header`` is escaped here, ``rows`` cells must already be HTML."""
     head = "".join(f"<th>{esc(h)}</th>" for h in header)
@@ -47,7 +56,8 @@ def metrics_table(metrics: dict, title: str = "Test metrics") -> str:
         return esc(f"{value:.4f}" if isinstance(value, float) else value)
 
     rows = [[esc(k), fmt(v), fmt(metrics[k + "_chance"]) if k + "_chance" in metrics else ""]
-            for k, v in metrics.items() if not k.endswith("_chance") or k[:-7] not in metrics]
+            for k, v in metrics.items() if not isinstance(v, (dict, list))  # tables of their own
+            and (not k.endswith("_chance") or k[:-7] not in metrics)]
     return (f"<h2>{esc(title)}</h2>" + table(["metric", "value", "chance level"], rows)
             + "<p>Chance level: the score of a map that carries no information (a uniform map, "
               "or a whole-image box).</p>")

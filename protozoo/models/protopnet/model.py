@@ -218,6 +218,7 @@ class ProtoPNet(ZooModel):
 
     # ---------------------------------------------------------------- training
     report_writer = "protozoo.render.evidence:write_evidence_report"
+    map_upsampling = MAP_UPSAMPLING
     uses_training_images = True  # the gallery and prototype metrics read the push set
     loss_terms = ("cross_entropy", "cluster", "separation", "l1")
     schedules = ("auto", "short", "paper")
@@ -257,6 +258,10 @@ class ProtoPNet(ZooModel):
         weight, the map is ``sum_j w_kj * similarity_map_j``."""
         weights = self.last_layer.weight.float()[classes]  # [B, P]
         return torch.einsum("bp,bphw->bhw", weights, output.similarity_maps.float())
+
+    def intrinsic_map(self, output: PrototypeOutput, target: torch.Tensor) -> torch.Tensor:
+        """The evidence for class ``target[b]`` (:meth:`evidence_maps`)."""
+        return self.evidence_maps(output, target)
 
     def explanation_metrics(self, output: PrototypeOutput, batch: dict) -> dict:
         """Per test image, against the part mask, each beside its ``_chance`` level: does the
