@@ -70,10 +70,22 @@ def test_metrics(model, dataset, batch_size: int, device, amp: str = "auto") -> 
             counts[name] += len(values)
     preds_np, labels_np = torch.cat(preds).numpy(), torch.cat(labels).numpy()
     result = {"accuracy": float((preds_np == labels_np).mean()),
-              "mean_class_accuracy": mean_class_accuracy(preds_np, labels_np, model.num_classes),
-              "num_test_images": int(len(labels_np))}
+              "mean_class_accuracy": mean_class_accuracy(preds_np, labels_np, model.num_classes)}
+    result.update(_test_counts(model, dataset, int(len(labels_np))))
     result.update({name: sums[name] / counts[name] for name in sums})
     return result
+
+
+def _test_counts(model, dataset, items: int) -> dict:
+    """``num_test_images``; for a model whose test items are not images (``model.test_item``,
+    e.g. questions sharing an image) also ``num_test_<item>s``, and the images counted as the
+    distinct ``dataset.paths``."""
+    item = getattr(model, "test_item", "image")
+    if item == "image":
+        return {"num_test_images": items}
+    paths = getattr(dataset, "paths", None)
+    images = len(set(paths)) if paths is not None and len(paths) == items else None
+    return {"num_test_images": images, f"num_test_{item}s": items}
 
 
 def check_classes(model, class_names: list[str], source: str) -> None:

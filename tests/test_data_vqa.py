@@ -423,6 +423,9 @@ def test_clevr_loader(tmp_path):
     metrics = evaluate_run(tmp_path / "run", model=model, data=bundle, device="cpu",
                            report=False, overrides={"dataset": "clevr"})
     assert metrics["unknown_test_words"] == bundle.unknown_words["test"] > 0
+    # questions and the images they ask about are both counted, neither called the other
+    assert metrics["num_test_questions"] == 4
+    assert metrics["num_test_images"] == len(set(bundle.test.paths)) < 4
     # accuracy by CLEVR's question types, named from each program's last function: the val
     # split asks two count questions ("How many") and two colour comparisons ("Is the ...")
     assert [bundle.test[i]["question_kind"] for i in range(4)] == \

@@ -93,6 +93,9 @@ class ZooModel(nn.Module):
     default_batch_size: int = 64  # train.py's --batch-size when neither flag nor config sets it
     explains_images: bool = True  # can its report explain a user's image file (--images)?
     task: str = "classify"  # or "vqa": which datasets it trains on (train.py checks the pair)
+    # What one test item is: "image", or e.g. "question" when several items share an image;
+    # then metrics.json counts both (num_test_questions, and num_test_images distinct images).
+    test_item: str = "image"
     loss_terms: tuple[str, ...] = ()  # the weights ``objective`` takes (--loss-weight TERM=W)
     schedules: tuple[str, ...] = ("auto",)  # the --schedule names ``phases`` knows
     # The family's report, as "module:function" (a function like

@@ -143,6 +143,7 @@ class VQAModel(ZooModel):
     # (rn_cnn, wider, stride 8, max-pooled, frozen or slower) it stays near 0.6 for 5-12 epochs.
     default_batch_size = 320  # about 16 scenes x their 20 questions, one CNN pass per scene
     task = "vqa"
+    test_item = "question"
     # question: long [L] token ids (0 pads), question_length: int (protozoo.data.contract)
     sample_fields = ("image", "label", "question", "question_length")
     explains_images = False  # an answer needs a question: an image alone has nothing to explain
