@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import json
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -109,10 +110,22 @@ def model_metrics(model, data, batch_size: int, device, amp: str = "auto") -> di
     over the whole data (``model.dataset_metrics``, e.g. a prototype family's purity over the
     push set) and facts about the test data."""
     model.to(device)
+    _say_what_cannot_be_computed(model, data)
     metrics = test_metrics(model, data.test, batch_size, device, amp)
     metrics.update(model.dataset_metrics(data, amp))
     metrics.update(data.data_metrics())  # e.g. test words the model never saw, read as <unk>
     return metrics
+
+
+def _say_what_cannot_be_computed(model, data) -> None:
+    """One notice on stderr per ground-truth field the data lacks (``data.has_masks``,
+    ``data.has_boxes``),
+    naming the family's metrics that need it (``model.ground_truth_metrics``), so that they do
+    not silently vanish from ``metrics.json``."""
+    for field, names in getattr(model, "ground_truth_metrics", {}).items():
+        if names and not getattr(data, f"has_{field}", True):
+            print(f"note: the data has no {field}, so {', '.join(names)} cannot be computed "
+                  "and are not in metrics.json", file=sys.stderr)
 
 
 def write_report(model, data, out_dir, metrics: dict, images=None) -> Path:

@@ -547,3 +547,23 @@ def test_clevr_keeps_its_images_own_size(tmp_path):
         Image.fromarray(np.full((24, 24, 3), 90, np.uint8)).save(path)
     bundle = build_data("clevr", data_dir=root)
     assert bundle.image_size == 24 and bundle.train[0]["image"].shape == (3, 24, 24)
+
+
+def test_data_without_masks_says_which_metrics_it_cannot_compute(capsys):
+    from types import SimpleNamespace
+
+    from protozoo.evaluation import _say_what_cannot_be_computed
+
+    model = protozoo.create_model("san", num_classes=3, vocab=["<pad>", "<unk>", "what"])
+    _say_what_cannot_be_computed(model, SimpleNamespace(has_masks=False, has_boxes=False))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["note: the data has no masks, so attention_mass_on_objects, "
+                   "attention_mass_uniform, pointing_game cannot be computed and are not in "
+                   "metrics.json"]
+    _say_what_cannot_be_computed(model, SimpleNamespace(has_masks=True, has_boxes=False))
+    assert capsys.readouterr().err == ""  # san needs no boxes
+    cam = protozoo.create_model("cam", num_classes=3)
+    _say_what_cannot_be_computed(cam, SimpleNamespace(has_masks=True, has_boxes=False))
+    assert capsys.readouterr().err.strip() == ("note: the data has no boxes, so "
+                                               "localization_accuracy cannot be computed and "
+                                               "are not in metrics.json")

@@ -93,6 +93,9 @@ class ZooModel(nn.Module):
     default_batch_size: int = 64  # train.py's --batch-size when neither flag nor config sets it
     explains_images: bool = True  # can its report explain a user's image file (--images)?
     task: str = "classify"  # or "vqa": which datasets it trains on (train.py checks the pair)
+    # The explanation metrics that need a ground-truth field of the data ("masks", "boxes"): when
+    # the data lacks it, evaluation says once which of them it cannot compute.
+    ground_truth_metrics: dict[str, tuple[str, ...]] = {}
     # What one test item is: "image", or e.g. "question" when several items share an image;
     # then metrics.json counts both (num_test_questions, and num_test_images distinct images).
     test_item: str = "image"

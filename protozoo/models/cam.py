@@ -26,6 +26,8 @@ from .base import ZooModel
 @register_model("cam")
 class CAMNet(ZooModel):
     report_writer = "protozoo.render.cam_report:write_cam_report"
+    ground_truth_metrics = {"masks": ("pointing", "region_on_part", "relevance_mass", "cam_iou"),
+                            "boxes": ("localization_accuracy",)}
 
     def __init__(self, backbone: str = "tiny_cnn", num_classes: int | None = None,
                  pretrained=False, stage: int = -1, extra_conv: int = 0,

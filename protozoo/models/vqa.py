@@ -144,6 +144,8 @@ class VQAModel(ZooModel):
     default_batch_size = 320  # about 16 scenes x their 20 questions, one CNN pass per scene
     task = "vqa"
     test_item = "question"
+    ground_truth_metrics = {"masks": ("attention_mass_on_objects", "attention_mass_uniform",
+                                     "pointing_game")}
     # question: long [L] token ids (0 pads), question_length: int (protozoo.data.contract)
     sample_fields = ("image", "label", "question", "question_length")
     explains_images = False  # an answer needs a question: an image alone has nothing to explain

@@ -75,8 +75,10 @@ def write_vqa_report(model, data, out_dir: Path, metrics: dict, images=None,
             "the attention of every hop, first hop first (a uniform map for models without "
             "attention)")
     body = (metrics_table(metrics)
-            + "<p>Left: the image, with the objects the answer depends on outlined in red. Then "
-              f"{esc(what)}.</p>"
+            + ("<p>Left: the image, with the objects the answer depends on outlined in red. "
+               if getattr(dataset, "has_masks", False) else
+               "<p>Left: the image (the data has no object masks, so nothing is outlined). ")
+            + f"Then {esc(what)}.</p>"
             + f"<p>{img_tag('attention.png', 'all panels')}</p>"
             + table(["attention", "question", "predicted", "true", "image"], rows))
     write_page(out_dir / "index.html",

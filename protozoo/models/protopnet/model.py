@@ -218,6 +218,9 @@ class ProtoPNet(ZooModel):
 
     # ---------------------------------------------------------------- training
     report_writer = "protozoo.render.evidence:write_evidence_report"
+    ground_truth_metrics = {"masks": ("evidence_on_part", "evidence_region_on_part",
+                                     "evidence_relevance_mass", "prototype_purity",
+                                     "prototype_region_on_part")}
     map_upsampling = MAP_UPSAMPLING
     uses_training_images = True  # the gallery and prototype metrics read the push set
     loss_terms = ("cross_entropy", "cluster", "separation", "l1")
