@@ -567,3 +567,12 @@ def test_data_without_masks_says_which_metrics_it_cannot_compute(capsys):
     assert capsys.readouterr().err.strip() == ("note: the data has no boxes, so "
                                                "localization_accuracy cannot be computed and "
                                                "are not in metrics.json")
+
+
+def test_clevr_loader_keeps_the_images_native_size(tmp_path):
+    root = _clevr_tree(tmp_path / "CLEVR")
+    for path in root.glob("images/*/*.png"):  # a set written at 24 px, square
+        Image.fromarray(np.asarray(Image.open(path).convert("RGB").resize((24, 24)))).save(path)
+    bundle = build_data("clevr", data_dir=root, val_fraction=0.34)  # no image_size: native
+    assert bundle.image_size == 24 and bundle.train[0]["image"].shape == (3, 24, 24)
+    assert build_data("clevr", data_dir=root, image_size=16, val_fraction=0.34).image_size == 16
