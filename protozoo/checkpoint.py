@@ -8,7 +8,6 @@ save is reported instead of silently mixing two versions.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -16,21 +15,13 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointError, UserError
-from .fileio import atomic_path, atomic_write_text
+from .fileio import atomic_path, atomic_write_text, sha256_file
 from .registry import create_model, saved_kwargs
 from .runtime import resolve_device
 from .version import __version__
 # re-exported: the layout and the state-dict helpers live in the leaf protozoo.weights
 from .weights import (CONFIG, FORMAT_VERSION, REQUIRED_KEYS, WEIGHTS,  # noqa: F401
                       is_checkpoint_weights, load_state)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def save(model, run_dir: str | os.PathLike, image_size: int | None = None) -> Path:
@@ -50,7 +41,7 @@ def save(model, run_dir: str | os.PathLike, image_size: int | None = None) -> Pa
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     with atomic_path(run_dir / WEIGHTS) as tmp:
         save_file(state, str(tmp), metadata={"format_version": str(FORMAT_VERSION)})
-        digest = _sha256(tmp)
+        digest = sha256_file(tmp)
     config = {
         "format_version": FORMAT_VERSION,
         "protozoo_version": __version__,
@@ -105,7 +96,7 @@ def load(run_dir: str | os.PathLike, device: str | torch.device = "cpu"):
     if not weights.is_file():
         raise CheckpointError(f"'{run_dir}' has {CONFIG} but no {WEIGHTS}; the checkpoint is "
                               "incomplete, re-save the model")
-    if config.get("weights_sha256") and _sha256(weights) != config["weights_sha256"]:
+    if config.get("weights_sha256") and sha256_file(weights) != config["weights_sha256"]:
         raise CheckpointError(f"'{weights}' does not match its {CONFIG} (a save was interrupted "
                               "or a file was replaced); re-save, or resume the run with --resume")
     kwargs = dict(config["kwargs"])

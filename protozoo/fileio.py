@@ -6,6 +6,7 @@ the target with ``os.replace`` (atomic on POSIX and Windows).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import tempfile
@@ -70,3 +71,12 @@ def check_writable(folder: str | os.PathLike) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".write-check.", suffix=TEMP_SUFFIX, dir=folder)
     os.close(fd)
     os.remove(tmp)
+
+
+def sha256_file(path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks (what ``sha256sum`` prints)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -13,7 +13,6 @@ not change when the count does, and train and test never share a stream.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -28,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from protozoo.errors import DataError
+from protozoo.fileio import sha256_file
 
 SPLIT_CODES = {"train": 1, "test": 2}  # different streams, so train and test never share images
 LAYOUT = ("<split>/images/<class>/<id>.png, <split>/masks/<class>/<id>.png (0/255), "
@@ -81,18 +81,10 @@ def _data_files(root: Path):
                 yield rel
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_manifest(root) -> Path:
     """Write ``root/checksums.sha256``: the SHA-256 of every file of a generated copy."""
     root = Path(root)
-    lines = [f"{_sha256(root / rel)}  {rel}\n" for rel in sorted(_data_files(root))]
+    lines = [f"{sha256_file(root / rel)}  {rel}\n" for rel in sorted(_data_files(root))]
     (root / MANIFEST).write_text("".join(lines))
     return root / MANIFEST
 
@@ -112,7 +104,7 @@ def damage(root) -> str | None:
                     return f"{MANIFEST} is damaged"
                 listed += 1
                 try:
-                    if _sha256(root / rel) != digest:
+                    if sha256_file(root / rel) != digest:
                         return f"{rel} changed"
                 except FileNotFoundError:
                     return f"{found} files where {MANIFEST} lists more, {rel} missing"
