@@ -254,6 +254,16 @@ class ZooModel(nn.Module):
         family without one. :mod:`protozoo.explain` compares it with post-hoc explainers."""
         return None
 
+    def eval_forward(self, *inputs):
+        """The forward pass in eval mode (BatchNorm's running statistics, no dropout), the
+        model's mode restored afterwards: what ``explain`` methods show."""
+        was_training = self.training
+        self.eval()
+        try:
+            return self(*inputs)
+        finally:
+            self.train(was_training)
+
     def logits_view(self) -> nn.Module:
         """A module whose forward returns the logits tensor only, sharing this model's
         parameters: ``forward(x)`` for an image classifier (what Grad-CAM, Captum,

@@ -64,12 +64,7 @@ class CAMNet(ZooModel):
         pixels >= ``threshold`` x the map's maximum, largest connected component -- as the
         report and ``localization_accuracy`` draw it. Runs in eval mode (the model's mode is
         restored)."""
-        was_training = self.training
-        self.eval()
-        try:
-            out = self(x)
-        finally:
-            self.train(was_training)
+        out = self.eval_forward(x)
         logits = out.logits.float()
         chosen = logits.argmax(1) if classes is None else torch.as_tensor(
             classes, dtype=torch.long, device=logits.device).reshape(-1).expand(len(logits))

@@ -190,12 +190,7 @@ class ProtoPNet(ZooModel):
         percentile, as the report draws it) and Chen et al.'s high-activation box (all those
         pixels). The maps take ``B x P' x H x W`` floats: ask for fewer
         prototypes on large models. Runs in eval mode (the model's mode is restored)."""
-        was_training = self.training
-        self.eval()
-        try:
-            out = self(x)
-        finally:
-            self.train(was_training)
+        out = self.eval_forward(x)
         device = out.logits.device
         chosen = (torch.arange(self.num_prototypes, device=device) if prototypes is None else
                   torch.as_tensor(prototypes, dtype=torch.long, device=device).reshape(-1))
