@@ -330,6 +330,10 @@ def evaluate_main(argv=None, prog: str | None = None) -> int:
         raise UserError(f"image '{missing[0]}' not found (or not a file): check the --images paths")
     if args.images and not args.report:
         raise UserError("--images are explained in the report: drop --no-report")
+    from .data.images import decode_sample
+
+    for path in args.images:  # an unreadable file fails now, not after the evaluation
+        decode_sample(path, 8)
     if args.explainers is not None:
         from .explain.explainers import check_explainers
 

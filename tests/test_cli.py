@@ -215,6 +215,12 @@ def test_evaluate_writes_metrics_and_report(synthetic_run, tmp_path, capsys):
     assert run_cli(evaluate.main, [str(synthetic_run), "--no-report", "--images",
                                    str(tmp_path / "<mine>.png")]) == 2
     assert "drop --no-report" in _one_error_line(capsys.readouterr().err)
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    written = (synthetic_run / "metrics.json").stat().st_mtime_ns
+    assert run_cli(evaluate.main, [str(synthetic_run), "--images",
+                                   str(tmp_path / "broken.png")]) == 2
+    assert "cannot read image" in _one_error_line(capsys.readouterr().err)
+    assert (synthetic_run / "metrics.json").stat().st_mtime_ns == written  # before evaluating
     assert (synthetic_run / "metrics.json").read_bytes() == before  # failed fast, wrote nothing
 
 
