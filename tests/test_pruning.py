@@ -69,3 +69,90 @@ def test_a_class_keeps_its_most_specific_prototype():
         kept = mine[~verdict["prune"][mine]]
         assert len(kept) == 1
         assert float(verdict["specificity"][kept]) == float(verdict["specificity"][mine].max())
+
+
+class _FeatureImages(torch.utils.data.Dataset):
+    """'Images' that are their own 2-channel 4x4 feature maps: background (0, 0) everywhere
+    but one part cell per image, (1, 0) in class 0 and (0, 1) in class 1, at a different cell
+    in every image."""
+
+    def __init__(self, per_class: int = 6):
+        self.labels = [0] * per_class + [1] * per_class
+        self.images = torch.zeros(len(self.labels), 2, 4, 4)
+        self.part_cells = []
+        for n, label in enumerate(self.labels):
+            r, c = divmod((5 * n) % 16, 4)
+            self.images[n, label, r, c] = 1.0
+            self.part_cells.append((r, c))
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return {"image": self.images[i], "label": self.labels[i], "index": i}
+
+
+class _Passthrough(torch.nn.Module):
+    def __init__(self, geometry):
+        super().__init__()
+        self.geometry = geometry
+
+    def forward(self, x):
+        return x
+
+
+def _feature_model():
+    model = protozoo.create_model("protopnet", backbone="tiny_cnn", num_classes=2,
+                                  prototypes_per_class=1, prototype_dim=2).eval()
+    model.backbone = _Passthrough(model.backbone.geometry)
+    model.add_on = torch.nn.Identity()
+    model.metadata["image_size"] = 4
+    with torch.no_grad():  # class 0's prototype sits on the background; class 1's on its part
+        model.prototypes.copy_(torch.tensor([[0.01, 0.0], [0.0, 0.9]]))
+    return model
+
+
+def test_push_moves_a_class_agnostic_projection_to_a_class_specific_patch():
+    from protozoo.models.protopnet.push import compute_push
+    data = _FeatureImages()
+    model = _feature_model()
+    nearest = compute_push(model, data, batch_size=4, class_specific=False)
+    # the nearest own-class patch of prototype 0 is background, which every image has
+    assert nearest.vectors[0].tolist() == [0.0, 0.0]
+    assert nearest.provenance[0]["projection"] == "nearest"
+
+    result = compute_push(model, data, batch_size=4)
+    assert result.moved.tolist() == [True, False]
+    record = result.provenance[0]
+    assert record["projection"] == "class-specific"
+    assert record["nearest_patch_specificity"] == 0.5  # every image alike
+    assert data.labels[record["image_index"]] == 0
+    assert tuple(record["cell"]) == data.part_cells[record["image_index"]]
+    assert result.vectors[0].tolist() == [1.0, 0.0]  # it *is* the part patch
+    assert record["source_similarity"] == pytest.approx(float(result.similarity_maps[0].max()))
+    # moved by the squared distance from the old vector to the new patch
+    assert float(result.distances[0]) == pytest.approx(0.99 ** 2)
+    # prototype 1 was already specific: its nearest patch, untouched
+    assert result.provenance[1]["projection"] == "nearest"
+    assert result.vectors[1].tolist() == [0.0, 1.0]
+    assert result.provenance[1]["nearest_patch_specificity"] == 1.0
+
+
+def test_class_specific_patches_come_from_distinct_images():
+    from protozoo.models.protopnet.push import compute_push
+    data = _FeatureImages()
+    model = protozoo.create_model("protopnet", backbone="tiny_cnn", num_classes=2,
+                                  prototypes_per_class=2, prototype_dim=2).eval()
+    model.backbone = _Passthrough(model.backbone.geometry)
+    model.add_on = torch.nn.Identity()
+    model.metadata["image_size"] = 4
+    with torch.no_grad():  # both of class 0's prototypes on the background
+        model.prototypes.copy_(torch.tensor([[0.01, 0.0], [0.0, 0.01], [0.0, 0.9], [0.0, 0.8]]))
+    result = compute_push(model, data, batch_size=4)
+    assert result.moved.tolist() == [True, True, False, False]
+    images = [r["image_index"] for r in result.provenance]
+    assert images[0] != images[1] and images[2] != images[3]
+    assert result.vectors[:2].tolist() == [[1.0, 0.0], [1.0, 0.0]]
+    # without the rule both stay on background patches
+    nearest = compute_push(model, data, batch_size=4, class_specific=False)
+    assert nearest.vectors[:2].abs().sum() == 0

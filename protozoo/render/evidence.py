@@ -377,7 +377,9 @@ def write_gallery(model, data, out_dir: Path, sources: PrototypeSources, k: int 
             "class; green frame: same class as the prototype, red: another class). Boxes are "
             "the region around the peak of the similarity map (its connected pixels at or "
             "above the map's 95th percentile). The projection distance is how far the "
-            "prototype moved when it was projected onto its patch; the class specificity is the "
+            "prototype moved when it was projected onto its patch (its nearest patch of its "
+            "class, or, where that patch was class-agnostic, its class's most specific one); "
+            "the class specificity is the "
             "probability that an image of its class is nearer to it than an image of another "
             f"class (0.5: it matches every image alike; pruned below {MIN_SPECIFICITY}).</p>"
             + _sources_note(model, sources) + "\n".join(sections))
@@ -418,6 +420,9 @@ def _provenance_line(rec: dict | None, j: int, first: dict) -> str:
     source = Path(str(rec.get("image_path") or rec["image_index"])).name
     line = (f"source {esc(source)}, cell {esc(rec['cell'])}, projection distance "
             f"{_num(rec['distance'])}")
+    if rec.get("projection") == "class-specific":
+        line += (" (projected onto its class's most specific patch: its nearest patch, "
+                 f"specificity {_num(rec.get('nearest_patch_specificity'))}, was class-agnostic)")
     specificity = rec.get("class_specificity")
     if specificity is not None:
         flag = ("" if specificity >= MIN_SPECIFICITY else

@@ -101,7 +101,7 @@ class ProtoPNet(ZooModel):
                  pretrained=False, stage: int = -1, prototypes_per_class: int = 10,
                  prototype_dim: int = 128, add_on: str = "regular", similarity: str = "log",
                  prototype_classes: list[int] | None = None,
-                 class_names: list[str] | None = None):
+                 class_names: list[str] | None = None, specific_push: bool = True):
         """
         Args:
             prototypes_per_class: prototypes of each class (paper: 10).
@@ -122,6 +122,7 @@ class ProtoPNet(ZooModel):
         classes = torch.as_tensor(prototype_classes, dtype=torch.long)
         self.num_prototypes = len(classes)
         self.add_on = add_on_layers(bb.channels, prototype_dim, add_on)
+        self.specific_push = bool(specific_push)
         # uniform [0, 1) like the official code: the add-on output lives in (0, 1) (sigmoid)
         self.prototypes = nn.Parameter(torch.rand(self.num_prototypes, prototype_dim))
         self.register_buffer("prototype_class", classes, persistent=False)
@@ -148,10 +149,12 @@ class ProtoPNet(ZooModel):
                                      F.normalize(self.prototypes.float(), dim=1))
         return squared_distances(features, self.prototypes)
 
-    def prototype_distances(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def prototype_distances(self, features: torch.Tensor, prototypes: torch.Tensor | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(min_distances [B, P], distance maps [B, P, h, w])`` with exact minima
-        (:func:`nearest_distances`)."""
-        protos = self.prototypes
+        (:func:`nearest_distances`), to the model's prototypes or to ``prototypes`` ``[P, D]``
+        (candidate vectors, e.g. at push)."""
+        protos = self.prototypes if prototypes is None else prototypes
         if self.similarity == "cosine":
             features, protos = F.normalize(features.float(), dim=1), F.normalize(protos.float(),
                                                                                  dim=1)

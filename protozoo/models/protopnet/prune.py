@@ -24,13 +24,15 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy.stats import rankdata
 from torch import nn
 
 from .push import image_distances
+from .specificity import MIN_SPECIFICITY, class_specificity
+
+__all__ = ["MIN_SPECIFICITY", "assess_prototypes", "class_specificity",
+           "expected_own_among_nearest", "find_prunable", "prune_action", "remove_prototypes"]
 
 TIE = 1e-3  # distances within 0.1% of the k-th nearest tie with it
-MIN_SPECIFICITY = 0.75  # own-class images must be nearer than other images in 3 of 4 pairs
 
 
 def expected_own_among_nearest(distances: torch.Tensor, own: torch.Tensor, k: int = 6,
@@ -46,17 +48,6 @@ def expected_own_among_nearest(distances: torch.Tensor, own: torch.Tensor, k: in
     n_in, own_in = inside.sum(1), (inside & own).sum(1)
     share = (tied & own).sum(1).double() / tied.sum(1).clamp_min(1).double()
     return own_in.double() + (k - n_in).double() * share
-
-
-def class_specificity(distances: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
-    """``[P]``: the ROC AUC of "own class" against the prototype's distances (smaller = more
-    similar): the probability that a random own-class image is nearer than a random image of
-    another class, ties counting one half (Mann-Whitney). NaN where a side is empty."""
-    ranks = torch.as_tensor(rankdata(-distances.double().numpy(), axis=1))  # high rank = near
-    n_own = own.sum(1).double()
-    n_other = (~own).sum(1).double()
-    u = (ranks * own).sum(1) - n_own * (n_own + 1) / 2
-    return u / (n_own * n_other)
 
 
 def assess_prototypes(model, dataset, k: int = 6, tau: int = 3, batch_size: int = 64,

@@ -38,9 +38,13 @@ from torch.utils.data import DataLoader, Subset
 from ...errors import UserError
 from ...maps import peak_region_box, percentile_boxes, upsample
 from ...runtime import autocast_for, to_device
+from .specificity import MIN_SPECIFICITY, class_specificity
 
 # ProtoPNet's similarity maps are upsampled as the official code does (cv2 INTER_CUBIC)
 MAP_UPSAMPLING = "bicubic"
+CANDIDATE_IMAGES = 32  # images of a class whose cells are candidates for a class-specific patch
+REFERENCE_IMAGES_PER_CLASS = 32  # images of each class that candidates are scored against
+CANDIDATE_CHUNK = 512  # candidate vectors scored at once (memory: chunk x reference cells)
 
 
 @dataclass
@@ -51,11 +55,13 @@ class PushResult:
     cell: torch.Tensor  # [P, 2] (row, col) of the patch in the feature map
     similarity_maps: torch.Tensor  # [P, h, w] the new prototype's similarity over its source image
     provenance: list[dict]
+    moved: torch.Tensor | None = None  # [P] bool: projected onto a class-specific patch instead
 
 
-def _scan(model, dataset, batch_size: int, device, amp: str):
+def _scan(model, dataset, batch_size: int, device, amp: str, vectors=None):
     """Yield ``(offset, labels [B], min_distances [B, P], nearest cell [B, P, 2])`` per batch,
-    in eval mode without gradients (the model's mode is restored afterwards)."""
+    in eval mode without gradients (the model's mode is restored afterwards); distances to the
+    model's prototypes or to ``vectors`` ``[P, D]``."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     autocast, _ = autocast_for(device, amp)
     was_training = model.training
@@ -67,7 +73,7 @@ def _scan(model, dataset, batch_size: int, device, amp: str):
                 batch = to_device(batch, device)
                 with autocast:
                     features = model.add_on(model.backbone(batch["image"]))
-                min_d, maps = model.prototype_distances(features.float())
+                min_d, maps = model.prototype_distances(features.float(), vectors)
                 w = maps.shape[-1]
                 where = maps.flatten(2).argmin(2)
                 yield offset, batch["label"], min_d, torch.stack([where // w, where % w], -1)
@@ -107,12 +113,12 @@ def nearest_images(model, dataset, k: int, batch_size: int = 64, device=None,
 
 
 def image_distances(model, dataset, batch_size: int = 64, device=None,
-                    amp: str = "auto") -> torch.Tensor:
-    """``[P, N]`` on the CPU: each prototype's distance to each image's closest patch (what the
-    model's logits use), in dataset order."""
+                    amp: str = "auto", vectors=None) -> torch.Tensor:
+    """``[P, N]`` on the CPU: each prototype's (or each of ``vectors``') distance to each image's
+    closest patch (what the model's logits use), in dataset order."""
     device = device or next(model.parameters()).device
     columns = [min_d.t().cpu() for _, _, min_d, _ in _scan(model, dataset, batch_size, device,
-                                                           amp)]
+                                                           amp, vectors)]
     return torch.cat(columns, 1) if columns else torch.zeros(model.num_prototypes, 0)
 
 
@@ -156,8 +162,11 @@ def source_features(model, dataset, indices: list[int], batch_size: int = 64, de
 
 
 def compute_push(model, dataset, batch_size: int = 64, device=None, amp: str = "auto",
-                 percentile: float = 95.0) -> PushResult:
-    """Find every prototype's projection and its provenance (no change to the model)."""
+                 percentile: float = 95.0, class_specific: bool = True) -> PushResult:
+    """Find every prototype's projection and its provenance (no change to the model): its
+    nearest own-class patch (one source image per prototype of a class), or, with
+    ``class_specific``, a class-specific patch where the nearest one would be class-agnostic
+    (:func:`class_specific_sources`)."""
     device = device or next(model.parameters()).device
     classes = model.prototype_class
     per_class = int(torch.bincount(classes.cpu()).max()) if len(classes) else 0
@@ -171,12 +180,109 @@ def compute_push(model, dataset, batch_size: int = 64, device=None, amp: str = "
     pick = distinct_sources(cand_i, classes, cand_d).to(cand_i.device)
     rows = torch.arange(P, device=cand_i.device)
     best, image, cell = cand_d[rows, pick], cand_i[rows, pick], cand_c[rows, pick]
-    unique, slot = torch.unique(image, return_inverse=True)
-    feats = source_features(model, dataset, unique.tolist(), batch_size, device, amp)[slot]
-    vectors = feats[torch.arange(P), :, cell[:, 0].cpu(), cell[:, 1].cpu()].to(device)
-    maps = model.similarity_of(_distances_to(model, feats.to(device), vectors))  # [P, h, w]
+    feats, vectors = _patches(model, dataset, image, cell, batch_size, device, amp)
+    moved = torch.zeros(P, dtype=torch.bool)
+    nearest_specificity = torch.full((P,), float("nan"))
+    if class_specific:
+        image, cell, moved, nearest_specificity = class_specific_sources(
+            model, dataset, vectors, image, cell, batch_size, device, amp)
+        if bool(moved.any()):
+            feats, new = _patches(model, dataset, image, cell, batch_size, device, amp)
+            best = best.clone()
+            best[moved.to(best.device)] = _vector_distances(model, model.prototypes.detach(),
+                                                            new)[moved.to(new.device)]
+            vectors = new
+    maps = model.similarity_of(_distances_to(model, feats, vectors))  # [P, h, w]
     provenance = _provenance(model, dataset, image, cell, best, maps, percentile)
-    return PushResult(vectors, best, image, cell, maps, provenance)
+    for j, record in enumerate(provenance):
+        record["projection"] = "class-specific" if bool(moved[j]) else "nearest"
+        if not bool(torch.isnan(nearest_specificity[j])):
+            record["nearest_patch_specificity"] = round(float(nearest_specificity[j]), 4)
+    return PushResult(vectors, best, image, cell, maps, provenance, moved)
+
+
+def _patches(model, dataset, image: torch.Tensor, cell: torch.Tensor, batch_size: int, device,
+             amp: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(features of each prototype's source image [P, D, h, w], its patch [P, D])``."""
+    unique, slot = torch.unique(image.cpu(), return_inverse=True)
+    feats = source_features(model, dataset, unique.tolist(), batch_size, device, amp)[slot]
+    rows = torch.arange(len(image))
+    return feats, feats[rows, :, cell[:, 0].cpu(), cell[:, 1].cpu()]
+
+
+def _vector_distances(model, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``[P]``: row-wise distance between vectors ``a`` and ``b`` in the model's metric."""
+    a, b = a.float().to(b.device), b.float()
+    if model.similarity == "cosine":
+        a, b = torch.nn.functional.normalize(a, dim=1), torch.nn.functional.normalize(b, dim=1)
+    return ((a - b) ** 2).sum(1)
+
+
+def _spread(indices: torch.Tensor, count: int) -> torch.Tensor:
+    """At most ``count`` of ``indices``, evenly spaced (deterministic)."""
+    if len(indices) <= count:
+        return indices
+    return indices[torch.linspace(0, len(indices) - 1, count).round().long()]
+
+
+@torch.no_grad()
+def class_specific_sources(model, dataset, vectors: torch.Tensor, image: torch.Tensor,
+                           cell: torch.Tensor, batch_size: int = 64, device=None,
+                           amp: str = "auto"):
+    """Move every projection that would be class-agnostic to a class-specific patch (ours).
+
+    The nearest own-class patch of a prototype can be one that every image has (background, the
+    zero-padded border, a colour all classes share): its similarity is then about the same for
+    every image, a constant bonus to its class rather than evidence. Such a projection is
+    detected exactly as pruning detects it -- its class specificity over the push set (the ROC
+    AUC of own-class against other images, :func:`.specificity.class_specificity`) is below
+    :data:`.specificity.MIN_SPECIFICITY` -- and the prototype is projected instead onto the most
+    class-specific patch of its class: every cell of up to :data:`CANDIDATE_IMAGES` images of
+    the class is a candidate, scored by its specificity against up to
+    :data:`REFERENCE_IMAGES_PER_CLASS` images of every class (ties: the candidate whose nearest
+    other-class image is farthest beyond its class's median distance), each source image used
+    once per class. A prototype only moves to a candidate more specific than its nearest patch.
+
+    Returns ``(image [P], cell [P, 2], moved bool [P], specificity of the nearest patch [P])``.
+    """
+    device = device or next(model.parameters()).device
+    labels = torch.as_tensor(np.asarray(dataset.labels))
+    classes = model.prototype_class.cpu()
+    image, cell = image.cpu().clone(), cell.cpu().clone()
+    distances = image_distances(model, dataset, batch_size, device, amp, vectors.to(device))
+    specificity = class_specificity(distances, labels.view(1, -1) == classes.view(-1, 1))
+    weak = specificity < MIN_SPECIFICITY
+    moved = torch.zeros(len(classes), dtype=torch.bool)
+    if not bool(weak.any()):
+        return image, cell, moved, specificity
+    reference = torch.cat([_spread((labels == c).nonzero().flatten(), REFERENCE_IMAGES_PER_CLASS)
+                           for c in labels.unique()])
+    ref_feats = source_features(model, dataset, reference.tolist(), batch_size, device, amp)
+    ref_labels = labels[reference]
+    for c in classes[weak].unique().tolist():
+        sources = _spread((labels == c).nonzero().flatten(), CANDIDATE_IMAGES)
+        feats = source_features(model, dataset, sources.tolist(), batch_size, device, amp)
+        M, D, h, w = feats.shape
+        candidates = feats.permute(0, 2, 3, 1).reshape(M * h * w, D)
+        dist = torch.cat([model.prototype_distances(ref_feats, chunk)[0].t().cpu()
+                          for chunk in candidates.split(CANDIDATE_CHUNK)])  # [M*h*w, R]
+        own = (ref_labels == c).view(1, -1).expand_as(dist)
+        score = class_specificity(dist, own)
+        margin = dist[:, ref_labels != c].amin(1) - dist[:, ref_labels == c].median(1).values
+        order = sorted(range(len(score)), key=lambda k: (-float(score[k]), -float(margin[k]), k))
+        mine = (classes == c).nonzero().flatten().tolist()
+        taken = {int(image[j]) for j in mine if not bool(weak[j])}
+        for j in (j for j in mine if bool(weak[j])):
+            for k in order:
+                source = int(sources[k // (h * w)])
+                if source in taken:
+                    continue
+                if float(score[k]) > float(specificity[j]):
+                    image[j], cell[j] = source, torch.tensor([(k % (h * w)) // w, k % w])
+                    moved[j] = True
+                    taken.add(source)
+                break
+    return image, cell, moved, specificity
 
 
 def _distances_to(model, feats: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
@@ -246,11 +352,12 @@ def push_action(ctx) -> dict:
     """The engine's ``push`` phase: validation accuracy before and after, then the projection."""
     before = ctx.evaluate(ctx.data.val)["accuracy"]
     result = compute_push(ctx.model, ctx.data.push, ctx.cfg.batch_size, ctx.dist.device,
-                          ctx.cfg.amp)
+                          ctx.cfg.amp, class_specific=getattr(ctx.model, "specific_push", True))
     apply_push(ctx.model, result)
     after = ctx.evaluate(ctx.data.val)["accuracy"]
     return {"val/accuracy_before_push": before, "val/accuracy_after_push": after,
-            "push/mean_distance": float(result.distances.mean())}
+            "push/mean_distance": float(result.distances.mean()),
+            "push/class_specific": int(result.moved.sum()) if result.moved is not None else 0}
 
 
 def labels_of(dataset, indices: torch.Tensor) -> torch.Tensor:
