@@ -108,6 +108,9 @@ class ProtoPNet(ZooModel):
             prototype_dim: D, channels of the add-on output and of each prototype (paper: 128).
             add_on: ``regular`` or ``bottleneck`` add-on layers.
             similarity: ``log`` (the paper's) or ``cosine``.
+            specific_push: at push, project a prototype whose nearest own-class patch is
+                class-agnostic onto its class's most specific patch instead (ours, default on;
+                :func:`protozoo.models.protopnet.push.class_specific_sources`).
             prototype_classes: the class of each prototype; set after pruning, otherwise
                 ``prototypes_per_class`` of each class in order.
         """
@@ -356,9 +359,10 @@ def protopnet_phases(cfg: TrainConfig, backbone: str) -> list[Phase]:
       trained from scratch with a sigmoid add-on otherwise falls, in some seeds, into a
       collapsed feature space where every patch of every image lies within ~0.02 of every
       prototype (separation ~0.02 at the end of joint training), and most prototypes end
-      class-agnostic and are pruned; at -0.3 the prototypes of other classes move away (8-35) in
-      most seeds measured, but not all (``synthetic-parts`` seeds 1 and 2 still collapse,
-      ``docs/results.md``); at -0.8 training failed;
+      class-agnostic and are pruned; at -0.8 training failed. -0.3 alone did not stop the
+      collapse in every seed; what does is the push's class-specific projection
+      (:func:`protozoo.models.protopnet.push.class_specific_sources`, ``docs/protopnet.md``
+      section 6);
     * the last layer learns at 1e-2 instead of 1e-4: it has about 40 steps per epoch instead of
       the thousands of the paper's augmented CUB, and at 1e-4 Adam cannot move the +1/-0.5
       weights far enough to absorb push and pruning.

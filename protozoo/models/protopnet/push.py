@@ -11,12 +11,17 @@ a running list of the nearest images (one patch per image) with a handful of ten
 the device (the official code loops over prototypes in Python for every batch). Memory is one
 batch of feature and distance maps plus ``P x k`` candidates, whatever the dataset size.
 
-Two rules beyond the paper, so that the evidence a prototype stands for is what it claims:
+Three rules beyond the paper, so that the evidence a prototype stands for is what it claims:
 
 * **One source image per prototype of a class.** The paper projects every prototype on its own
   nearest patch, so two prototypes of a class can become the *same* patch (a class spending its
   prototype budget twice on one piece of evidence). Here the prototypes of a class take their
   nearest image in turn (nearest first), each image at most once per class.
+* **No class-agnostic projection.** Where a prototype's nearest own-class patch is one every
+  class's images have (its class specificity below the pruning bar), it is projected onto its
+  class's most specific patch instead (:func:`class_specific_sources`); the provenance records
+  which (``projection``: ``nearest`` or ``class-specific``). ``specific_push=False`` (a model
+  argument) turns the rule off.
 * **Exact provenance.** A prototype's distance to its source patch is computed exactly (it is 0:
   the prototype *is* that feature vector), and the provenance records its similarity there, so
   the final model can be checked against it (the engine runs frozen modules in eval mode, so no
@@ -43,7 +48,8 @@ from .specificity import MIN_SPECIFICITY, class_specificity
 # ProtoPNet's similarity maps are upsampled as the official code does (cv2 INTER_CUBIC)
 MAP_UPSAMPLING = "bicubic"
 CANDIDATE_IMAGES = 32  # images of a class whose cells are candidates for a class-specific patch
-REFERENCE_IMAGES_PER_CLASS = 32  # images of each class that candidates are scored against
+REFERENCE_IMAGES_PER_CLASS = 32  # images of each class that candidates are scored against,
+REFERENCE_IMAGES = 1024  # ... at most this many in all (at least 2 a class)
 CANDIDATE_CHUNK = 512  # candidate vectors scored at once (memory: chunk x reference cells)
 
 
@@ -239,9 +245,17 @@ def class_specific_sources(model, dataset, vectors: torch.Tensor, image: torch.T
     :data:`.specificity.MIN_SPECIFICITY` -- and the prototype is projected instead onto the most
     class-specific patch of its class: every cell of up to :data:`CANDIDATE_IMAGES` images of
     the class is a candidate, scored by its specificity against up to
-    :data:`REFERENCE_IMAGES_PER_CLASS` images of every class (ties: the candidate whose nearest
-    other-class image is farthest beyond its class's median distance), each source image used
-    once per class. A prototype only moves to a candidate more specific than its nearest patch.
+    :data:`REFERENCE_IMAGES_PER_CLASS` images of every class (:data:`REFERENCE_IMAGES` in all;
+    ties: the candidate whose nearest other-class image is farthest beyond its class's median
+    distance), each source image used once per class. A prototype only moves to a candidate
+    more specific than its nearest patch.
+
+    Why (measured, ``docs/protopnet.md`` section 6): with a backbone trained from scratch the
+    warm-up (backbone frozen at its random initialisation) collapses the add-on space, and the
+    nearest own-class patch of 48-49 of 50 prototypes was then background; training from there
+    left some seeds with class-agnostic prototypes only. The paper (pretrained backbones) has no
+    such rule; its push is the nearest patch, which is what this returns whenever that patch is
+    class-specific.
 
     Returns ``(image [P], cell [P, 2], moved bool [P], specificity of the nearest patch [P])``.
     """
@@ -255,8 +269,10 @@ def class_specific_sources(model, dataset, vectors: torch.Tensor, image: torch.T
     moved = torch.zeros(len(classes), dtype=torch.bool)
     if not bool(weak.any()):
         return image, cell, moved, specificity
-    reference = torch.cat([_spread((labels == c).nonzero().flatten(), REFERENCE_IMAGES_PER_CLASS)
-                           for c in labels.unique()])
+    present = labels.unique()
+    per_class = max(2, min(REFERENCE_IMAGES_PER_CLASS, REFERENCE_IMAGES // len(present)))
+    reference = torch.cat([_spread((labels == c).nonzero().flatten(), per_class)
+                           for c in present])
     ref_feats = source_features(model, dataset, reference.tolist(), batch_size, device, amp)
     ref_labels = labels[reference]
     for c in classes[weak].unique().tolist():
@@ -264,7 +280,8 @@ def class_specific_sources(model, dataset, vectors: torch.Tensor, image: torch.T
         feats = source_features(model, dataset, sources.tolist(), batch_size, device, amp)
         M, D, h, w = feats.shape
         candidates = feats.permute(0, 2, 3, 1).reshape(M * h * w, D)
-        dist = torch.cat([model.prototype_distances(ref_feats, chunk)[0].t().cpu()
+        dist = torch.cat([torch.cat([model.prototype_distances(ref, chunk)[0].t().cpu()
+                                     for ref in ref_feats.split(batch_size)], 1)
                           for chunk in candidates.split(CANDIDATE_CHUNK)])  # [M*h*w, R]
         own = (ref_labels == c).view(1, -1).expand_as(dist)
         score = class_specificity(dist, own)
