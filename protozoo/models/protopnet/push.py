@@ -260,10 +260,14 @@ def class_specific_sources(model, dataset, vectors: torch.Tensor, image: torch.T
     Returns ``(image [P], cell [P, 2], moved bool [P], specificity of the nearest patch [P])``.
     """
     device = device or next(model.parameters()).device
-    labels = torch.as_tensor(np.asarray(dataset.labels))
     classes = model.prototype_class.cpu()
     image, cell = image.cpu().clone(), cell.cpu().clone()
-    distances = image_distances(model, dataset, batch_size, device, amp, vectors.to(device))
+    columns, seen = [], []  # one pass: distances and labels (any dataset, no ``.labels`` needed)
+    for _, batch_labels, min_d, _ in _scan(model, dataset, batch_size, device, amp,
+                                           vectors.to(device)):
+        columns.append(min_d.t().cpu())
+        seen.append(torch.as_tensor(batch_labels).cpu())
+    distances, labels = torch.cat(columns, 1), torch.cat(seen).long()
     specificity = class_specificity(distances, labels.view(1, -1) == classes.view(-1, 1))
     weak = specificity < MIN_SPECIFICITY
     moved = torch.zeros(len(classes), dtype=torch.bool)
