@@ -314,3 +314,15 @@ def test_evidence_map_is_the_weighted_sum_of_similarity_maps():
     j_best = maps[0, 0].flatten().argmax()
     torch.testing.assert_close(maps[0, 0].flatten()[j_best] * model.last_layer.weight[0, 0],
                                contributions[0, 0, 0])
+
+
+def test_gallery_line_says_when_a_prototype_was_moved_to_a_class_specific_patch():
+    from protozoo.render.evidence import _provenance_line
+    record = {"image_path": "train/a/<x>.png", "image_index": 3, "cell": [2, 5],
+              "distance": 1.5, "class_specificity": 0.97, "projection": "class-specific",
+              "nearest_patch_specificity": 0.5}
+    line = _provenance_line(record, 0, {})
+    assert "&lt;x&gt;.png" in line and "<x>" not in line  # file names are escaped
+    assert "most specific patch" in line and "specificity 0.5000, was class-agnostic" in line
+    plain = _provenance_line({**record, "projection": "nearest"}, 1, {})
+    assert "most specific patch" not in plain
