@@ -252,7 +252,7 @@ def class_specific_sources(model, dataset, vectors: torch.Tensor, image: torch.T
 
     Why (measured, ``docs/protopnet.md`` section 6): with a backbone trained from scratch the
     warm-up (backbone frozen at its random initialisation) collapses the add-on space, and the
-    nearest own-class patch of 48-49 of 50 prototypes was then background; training from there
+    nearest own-class patch of 46-49 of 50 prototypes was then class-agnostic; training from there
     left some seeds with class-agnostic prototypes only. The paper (pretrained backbones) has no
     such rule; its push is the nearest patch, which is what this returns whenever that patch is
     class-specific.
