@@ -101,21 +101,26 @@ class _Passthrough(torch.nn.Module):
         return x
 
 
-def _feature_model():
+def _feature_model(prototypes):
+    """A ProtoPNet whose features are its input (:class:`_FeatureImages`), with these
+    prototypes, half of each class in order."""
+    prototypes = torch.tensor(prototypes)
     model = protozoo.create_model("protopnet", backbone="tiny_cnn", num_classes=2,
-                                  prototypes_per_class=1, prototype_dim=2).eval()
+                                  prototypes_per_class=len(prototypes) // 2,
+                                  prototype_dim=2).eval()
     model.backbone = _Passthrough(model.backbone.geometry)
     model.add_on = torch.nn.Identity()
     model.metadata["image_size"] = 4
-    with torch.no_grad():  # class 0's prototype sits on the background; class 1's on its part
-        model.prototypes.copy_(torch.tensor([[0.01, 0.0], [0.0, 0.9]]))
+    with torch.no_grad():
+        model.prototypes.copy_(prototypes)
     return model
 
 
 def test_push_moves_a_class_agnostic_projection_to_a_class_specific_patch():
     from protozoo.models.protopnet.push import compute_push
     data = _FeatureImages()
-    model = _feature_model()
+    # class 0's prototype sits on the background; class 1's on its part
+    model = _feature_model([[0.01, 0.0], [0.0, 0.9]])
     nearest = compute_push(model, data, batch_size=4, class_specific=False)
     # the nearest own-class patch of prototype 0 is background, which every image has
     assert nearest.vectors[0].tolist() == [0.0, 0.0]
@@ -141,13 +146,8 @@ def test_push_moves_a_class_agnostic_projection_to_a_class_specific_patch():
 def test_class_specific_patches_come_from_distinct_images():
     from protozoo.models.protopnet.push import compute_push
     data = _FeatureImages()
-    model = protozoo.create_model("protopnet", backbone="tiny_cnn", num_classes=2,
-                                  prototypes_per_class=2, prototype_dim=2).eval()
-    model.backbone = _Passthrough(model.backbone.geometry)
-    model.add_on = torch.nn.Identity()
-    model.metadata["image_size"] = 4
-    with torch.no_grad():  # both of class 0's prototypes on the background
-        model.prototypes.copy_(torch.tensor([[0.01, 0.0], [0.0, 0.01], [0.0, 0.9], [0.0, 0.8]]))
+    # both of class 0's prototypes on the background
+    model = _feature_model([[0.01, 0.0], [0.0, 0.01], [0.0, 0.9], [0.0, 0.8]])
     result = compute_push(model, data, batch_size=4)
     assert result.moved.tolist() == [True, True, False, False]
     images = [r["image_index"] for r in result.provenance]
