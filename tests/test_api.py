@@ -138,7 +138,8 @@ def test_protopnet_on_an_image_folder_killed_resumed_evaluated_and_reported(fold
     history = protozoo.train(fresh, train_ds, epochs=1, batch_size=64, run_dir=run,
                              resume=True)
     assert [r["phase"] for r in history] == PROTOPNET_PHASES
-    assert fresh.num_prototypes == pruned_to == 6 - history[PROTOPNET_PHASES.index("prune")]["prune/pruned"]
+    pruned = history[PROTOPNET_PHASES.index("prune")]["prune/pruned"]
+    assert fresh.num_prototypes == pruned_to == 6 - pruned
     assert fresh.prototypes.shape[0] == len(fresh.metadata["prototypes"]) == pruned_to
     assert fresh.class_names == ["blue", "green", "red"]
     # the push set is the training part of the folder: provenance names its files

@@ -98,4 +98,3 @@ def test_no_two_prototypes_of_a_class_share_a_source_image(run):
     assert np.isfinite(specificity).all()
     for r in records:
         assert r["class_specificity"] >= MIN_SPECIFICITY or per_class[r["class"]] == 1, r
-

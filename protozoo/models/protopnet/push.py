@@ -61,7 +61,7 @@ class PushResult:
     cell: torch.Tensor  # [P, 2] (row, col) of the patch in the feature map
     similarity_maps: torch.Tensor  # [P, h, w] the new prototype's similarity over its source image
     provenance: list[dict]
-    moved: torch.Tensor | None = None  # [P] bool: projected onto a class-specific patch instead
+    moved: torch.Tensor  # [P] bool: projected onto a class-specific patch instead
 
 
 def _scan(model, dataset, batch_size: int, device, amp: str, vectors=None):
@@ -119,12 +119,12 @@ def nearest_images(model, dataset, k: int, batch_size: int = 64, device=None,
 
 
 def image_distances(model, dataset, batch_size: int = 64, device=None,
-                    amp: str = "auto", vectors=None) -> torch.Tensor:
-    """``[P, N]`` on the CPU: each prototype's (or each of ``vectors``') distance to each image's
-    closest patch (what the model's logits use), in dataset order."""
+                    amp: str = "auto") -> torch.Tensor:
+    """``[P, N]`` on the CPU: each prototype's distance to each image's closest patch (what the
+    model's logits use), in dataset order."""
     device = device or next(model.parameters()).device
     columns = [min_d.t().cpu() for _, _, min_d, _ in _scan(model, dataset, batch_size, device,
-                                                           amp, vectors)]
+                                                           amp)]
     return torch.cat(columns, 1) if columns else torch.zeros(model.num_prototypes, 0)
 
 
@@ -195,8 +195,9 @@ def compute_push(model, dataset, batch_size: int = 64, device=None, amp: str = "
         if bool(moved.any()):
             feats, new = _patches(model, dataset, image, cell, batch_size, device, amp)
             best = best.clone()
-            best[moved.to(best.device)] = _vector_distances(model, model.prototypes.detach(),
-                                                            new)[moved.to(new.device)]
+            old = model.prototypes.detach().float().to(new.device)
+            best[moved.to(best.device)] = _distances_to(
+                model, old[:, :, None, None], new)[:, 0, 0][moved.to(new.device)]
             vectors = new
     maps = model.similarity_of(_distances_to(model, feats, vectors))  # [P, h, w]
     provenance = _provenance(model, dataset, image, cell, best, maps, percentile)
@@ -214,14 +215,6 @@ def _patches(model, dataset, image: torch.Tensor, cell: torch.Tensor, batch_size
     feats = source_features(model, dataset, unique.tolist(), batch_size, device, amp)[slot]
     rows = torch.arange(len(image))
     return feats, feats[rows, :, cell[:, 0].cpu(), cell[:, 1].cpu()]
-
-
-def _vector_distances(model, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``[P]``: row-wise distance between vectors ``a`` and ``b`` in the model's metric."""
-    a, b = a.float().to(b.device), b.float()
-    if model.similarity == "cosine":
-        a, b = torch.nn.functional.normalize(a, dim=1), torch.nn.functional.normalize(b, dim=1)
-    return ((a - b) ** 2).sum(1)
 
 
 def _spread(indices: torch.Tensor, count: int) -> torch.Tensor:
@@ -378,7 +371,7 @@ def push_action(ctx) -> dict:
     after = ctx.evaluate(ctx.data.val)["accuracy"]
     return {"val/accuracy_before_push": before, "val/accuracy_after_push": after,
             "push/mean_distance": float(result.distances.mean()),
-            "push/class_specific": int(result.moved.sum()) if result.moved is not None else 0}
+            "push/class_specific": int(result.moved.sum())}
 
 
 def labels_of(dataset, indices: torch.Tensor) -> torch.Tensor:
