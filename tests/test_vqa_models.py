@@ -755,6 +755,13 @@ def test_default_schedule_for_builtin_and_other_data():
         assert (phase.epochs, phase.schedule) == (epochs, "cosine")
         assert set(phase.lrs) == set(model.param_groups())
         assert phase.lrs == {"backbone": pytest.approx(1e-4), "head": 1e-3}
+        for scenes, at_scale in ((9799, epochs), (9800, 20), (20000, 20)):  # the paper's 9,800
+            (phase,) = model.phases(TrainConfig(model=name, dataset="sort-of-clevr",
+                                                num_train=scenes))
+            assert (phase.epochs, phase.schedule) == (at_scale, "cosine")
+        (phase,) = model.phases(TrainConfig(model=name, dataset="sort-of-clevr",
+                                            num_train=9800, epochs=3))
+        assert phase.epochs == 3  # --epochs still wins
         (phase,) = model.phases(TrainConfig(model=name, dataset="clevr", epochs=4, lr=0.01))
         assert (phase.epochs, phase.schedule) == (4, "constant")
         assert phase.lrs == {"backbone": pytest.approx(1e-3), "head": 0.01}
