@@ -4,7 +4,6 @@
 * :class:`TopKPool` and :func:`select_top_k` -- keep the k cells with the largest score M(X) and
   aggregate them (max / mean) or hand them on; Malinowski et al. 2018's hard attention is top-k by
   the L2 norm of a cell's feature vector.
-* :func:`peaks_first` -- a ranking that keeps one cell per local maximum of the scores first.
 * :func:`adaptive_kept` / :func:`select_adaptive` -- AdaHAN (same paper): keep the cells whose
   softmax over the presence scores is at least 1/N, a different number in every image.
 * :class:`AttentionHop` -- one hop of Stacked Attention Networks (Yang et al. 2016).
@@ -108,20 +107,6 @@ def select_top_k(cells: torch.Tensor, scores: torch.Tensor, k: int | float) -> S
     kept = torch.zeros(b, n, dtype=torch.bool, device=scores.device).scatter_(1, index, True)
     valid = torch.ones_like(index, dtype=torch.bool)
     return Selection(_gather(cells, index), index, valid, kept)
-
-
-def peaks_first(scores: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """A ranking of ``scores`` ``[B, h*w]`` (presence >= 0) that puts every local maximum first:
-    a cell at least as high as its eight neighbours -- the peak test of Zhou et al.'s "Objects
-    as Points" (2019), which stands in for non-maximum suppression -- outranks every other cell,
-    and the peaks keep their order among themselves, as do the rest. So an object whose presence
-    spreads over several cells spends one kept cell (its peak) before a second cell of any
-    object is kept. Equal neighbours are all peaks (a flat background is one plateau of them)."""
-    h, w = grid
-    s = scores.reshape(-1, 1, h, w)
-    peak = (F.max_pool2d(s, 3, stride=1, padding=1) <= s).flatten(1)
-    lift = scores.amax(1, keepdim=True) - scores.amin(1, keepdim=True) + 1
-    return torch.where(peak, scores + lift, scores)
 
 
 def adaptive_kept(scores: torch.Tensor) -> torch.Tensor:

@@ -13,8 +13,7 @@ from torch.utils.data import Subset
 
 import protozoo
 from protozoo.attention import (AttentionHop, RelationModule, TopKPool, adaptive_kept,
-                                cell_coordinates, peaks_first, resolve_k, select_adaptive,
-                                select_top_k, tanh_score_cap)
+                                cell_coordinates, resolve_k, select_adaptive, tanh_score_cap)
 from protozoo.data.sort_of_clevr import perturbed_dataset
 from protozoo.backbones import Geometry, create_backbone
 from protozoo.errors import DataError, UserError
@@ -160,54 +159,6 @@ def test_gradient_only_reaches_kept_cells(score):
     grad = x.grad.flatten(2)
     assert torch.all(grad[~kept] == 0)
     assert torch.allclose(grad[kept], torch.full_like(grad[kept], 1 / 5))
-
-
-# ----------------------------------------------------------------------------- peaks first
-
-def test_peaks_first_keeps_one_cell_per_blob_before_any_second_cell():
-    # two blobs on a 4x4 grid: a strong one (9, 8, 7) top left, a weak one (3, 2) bottom right;
-    # plain top-3 keeps the strong blob three times, peaks-first keeps each blob's peak first
-    grid = torch.tensor([[9.0, 8.0, 0.0, 0.0],
-                         [7.0, 0.5, 0.0, 0.0],
-                         [0.0, 0.0, 0.0, 2.0],
-                         [0.0, 0.0, 0.0, 3.0]])
-    scores = grid.flatten()[None]
-    cells = torch.arange(16.0).view(1, 16, 1)
-    assert sorted(select_top_k(cells, scores, 3).index[0].tolist()) == [0, 1, 4]
-    ranking = peaks_first(scores, (4, 4))
-    # peaks: 9 (cell 0), 3 (cell 15), and the zero cells with no positive neighbour (plateau)
-    peak = ranking[0] > scores.max()
-    assert peak.view(4, 4).tolist() == [[True, False, False, True],
-                                        [False, False, False, False],
-                                        [False, False, False, False],
-                                        [True, True, False, True]]
-    kept = select_top_k(cells, ranking, 2).index[0].tolist()
-    assert kept == [0, 15]  # the peaks in their own order: the strong blob's, then the weak one's
-    order = ranking.argsort(descending=True)[0].tolist()
-    assert set(order[2:5]) == {3, 12, 13}  # the zero plateau's peaks, then the rest by score
-    assert order[5:9] == [1, 4, 11, 5]
-    # a map that is all peaks (constant) keeps its order; the lift never reorders within a class
-    flat = torch.full((2, 25), 0.5)
-    assert torch.equal(peaks_first(flat, (5, 5)), flat + 1)
-
-
-def test_han_peaks_keeps_the_local_maxima_of_its_presence():
-    torch.manual_seed(0)
-    vocab = ["<pad>", "<unk>", "what", "red"]
-    model = protozoo.create_model("han", num_classes=4, vocab=vocab, stage=2, top_k=6,
-                                  peaks=True).eval()
-    image, question = torch.rand(3, 3, 75, 75), torch.tensor([[2, 3]] * 3)
-    out = model(image, question, torch.tensor([2, 2, 2]))
-    assert out.kept.shape == (3, 10, 10)  # stage 2 of rn_cnn: a 10x10 grid at 75 px
-    s = out.scores[:, None]
-    peak = (torch.nn.functional.max_pool2d(s, 3, 1, 1) <= s)[:, 0]
-    for b in range(3):
-        n_peaks = int(peak[b].sum())
-        # every kept cell is a peak while there are enough peaks; else every peak is kept
-        kept = out.kept[b]
-        assert bool(peak[b][kept].all()) if n_peaks >= 6 else bool(kept[peak[b]].all())
-    with pytest.raises(ValueError, match="adaptive"):
-        protozoo.create_model("han", num_classes=4, vocab=vocab, peaks=True, adaptive=True)
 
 
 # ----------------------------------------------------------------------------- AdaHAN

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import losses
-from ..attention import (RelationModule, Selection, cell_norms, peaks_first, resolve_k,
-                         select_adaptive, select_all, select_top_k)
+from ..attention import (RelationModule, Selection, cell_norms, resolve_k, select_adaptive,
+                         select_all, select_top_k)
 from ..config import Phase, TrainConfig
 from .description import (DESCRIPTION_CHANNELS, MASKS_NEEDED, DescribeTask, describe_phase,
                           object_centre_cells)
@@ -168,8 +168,7 @@ class HAN(CellReasoner):
                  unit_cells: bool = True, cell_features: bool = True,
                  g_dim: int = 128, g_layers: int = 3, f_dim: int = 128, dropout: float = 0.5,
                  film: bool = True, distance: bool = True, glimpse: float = 1.0,
-                 pair_pool: str = "sum", objectness: float = 0.0, describe_steps: int = 0,
-                 peaks: bool = False):
+                 pair_pool: str = "sum", objectness: float = 0.0, describe_steps: int = 0):
         """Hard attention (Malinowski et al., ECCV 2018): keep the top-k cells by the norm of
         their question-conditioned embedding, reason over the kept cells only. Every departure
         from the paper is an argument; why each exists, and what it measured, is in
@@ -212,10 +211,6 @@ class HAN(CellReasoner):
                 offset (:mod:`protozoo.models.description`) -- the pretrained backbone the
                 paper reads, learnt from the masks instead of ImageNet.
 
-            peaks: keep the presence map's local maxima first (:func:`~protozoo.attention.
-                peaks_first`; ours, off by default), so that an object spread over several
-                cells spends one kept cell; top-k by presence otherwise. Not with ``adaptive``.
-
         The paper's HAN is ``fusion="sum", unit_cells=False, cell_features=False, film=False,
         distance=False, glimpse=0, pair_pool="sum", g_dim=256, g_layers=4, f_dim=256``.
         """
@@ -225,10 +220,6 @@ class HAN(CellReasoner):
         if pool not in ("mean", "max"):
             raise ValueError(f"pool must be 'mean' or 'max', got '{pool}'")
         resolve_k(top_k, 1 << 30)
-        if peaks and adaptive:
-            raise ValueError("peaks ranks the cells that top-k keeps; AdaHAN (adaptive=True) "
-                             "keeps by threshold instead: use one of them")
-        self.peaks = peaks
         bb = self._init_vqa(backbone, pretrained, stage, num_classes, class_names, vocab,
                             word_dim, question_dim)
         self.top_k, self.adaptive, self.reasoning, self.pool = top_k, adaptive, reasoning, pool
@@ -271,11 +262,8 @@ class HAN(CellReasoner):
         directions = F.normalize(embeddings, dim=1) if self.unit_cells else embeddings
         cells = torch.cat([directions.flatten(2).transpose(1, 2),
                            located if self.cell_features else located[..., -2:]], dim=2)
-        if self.adaptive:
-            selection = select_adaptive(cells, scores)
-        else:
-            ranking = peaks_first(scores, embeddings.shape[-2:]) if self.peaks else scores
-            selection = select_top_k(cells, ranking, self.top_k)
+        selection = (select_adaptive(cells, scores) if self.adaptive
+                     else select_top_k(cells, scores, self.top_k))
         return CellSet(selection, q, tuple(embeddings.shape[-2:]), presence, self.adaptive,
                        cells, glimpse)
 
