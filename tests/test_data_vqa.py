@@ -557,9 +557,8 @@ def test_data_without_masks_says_which_metrics_it_cannot_compute(capsys):
     model = protozoo.create_model("san", num_classes=3, vocab=["<pad>", "<unk>", "what"])
     _say_what_cannot_be_computed(model, SimpleNamespace(has_masks=False, has_boxes=False))
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["note: the data has no masks, so attention_mass_on_objects, "
-                   "attention_mass_uniform, pointing_game cannot be computed and are not in "
-                   "metrics.json"]
+    assert err == ["note: the data has no masks, so attention_mass_on_objects, pointing_game "
+                   "cannot be computed and are not in metrics.json"]
     _say_what_cannot_be_computed(model, SimpleNamespace(has_masks=True, has_boxes=False))
     assert capsys.readouterr().err == ""  # san needs no boxes
     cam = protozoo.create_model("cam", num_classes=3)

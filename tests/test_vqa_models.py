@@ -895,9 +895,12 @@ def test_attention_metrics_by_hand():
     scores = torch.tensor([[[0.0, 0.0], [0.0, 0.0]]] * 3 + [[[2.0, 3.0], [9.0, 0.0]]])
     m = attention_metrics(attention, coverage)
     assert torch.allclose(m["attention_mass_on_objects"], torch.tensor([0.75, 0.1, 0.25, 0.5]))
-    assert torch.allclose(m["attention_mass_uniform"], torch.tensor([0.375, 0.25, 0.25, 0.25]))
+    assert torch.allclose(m["attention_mass_on_objects_chance"],
+                          torch.tensor([0.375, 0.25, 0.25, 0.25]))
     # image 3: uniform map, 1 of 4 tied cells covered; image 4: a tie of 2, one covered
     assert torch.allclose(m["pointing_game"], torch.tensor([1.0, 0.0, 0.25, 0.5]))
+    # the chance level is the covered share of the cells: 2 of 4 in image 1, 1 of 4 elsewhere
+    assert torch.allclose(m["pointing_game_chance"], torch.tensor([0.5, 0.25, 0.25, 0.25]))
     # the presence scores break hard attention's ties (cell 9.0 is not in the tie)
     assert m["pointing_game"][3] == 0.5
     assert attention_metrics(attention, coverage, scores)["pointing_game"][3] == 1.0
@@ -924,7 +927,8 @@ def test_explanation_metrics_per_question_type_and_mask():
         ["accuracy_kind_count"]
     # every cell is covered, so the mass on objects is the attention's whole mass: 1
     assert m["attention_mass_on_objects"].tolist() == pytest.approx([1.0] * 4)
-    assert m["attention_mass_uniform"].tolist() == pytest.approx([1.0] * 4)
+    assert m["attention_mass_on_objects_chance"].tolist() == pytest.approx([1.0] * 4)
+    assert m["pointing_game_chance"].tolist() == [1.0] * 4
     assert m["cells_kept_fraction"].tolist() == pytest.approx([7 / 25] * 4)
     assert m["reasoning_pairs"].tolist() == [49.0] * 4
     no_mask = model.explanation_metrics(out, {"label": labels,
@@ -1111,3 +1115,33 @@ def test_evaluating_with_answers_in_another_order_is_a_user_error(tiny_sort_of_c
     message = str(info.value)
     assert f"class 0 is '{names[0]}' in the model but '{data.class_names[0]}'" in message
     assert "\n" not in message and not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_vqa_report_shows_each_attention_metric_beside_its_chance_level(tiny_sort_of_clevr,
+                                                                        tmp_path):
+    """Every explanation figure is written beside its chance level: metrics.json holds the
+    uniform map's score for both attention metrics (by hand: the mean coverage and the share of
+    covered cells of each test question's answer mask), and the report's "chance level" column
+    shows them."""
+    import json
+    import re
+
+    from protozoo.evaluation import evaluate_run
+    from protozoo.models.vqa import cell_coverage
+
+    data = tiny_sort_of_clevr
+    model = protozoo.create_model("han", g_dim=32, f_dim=32, class_names=data.class_names,
+                                  **data.model_kwargs).eval()
+    metrics = evaluate_run(tmp_path / "run", model=model, data=data, device="cpu",
+                           overrides={"dataset": "sort-of-clevr"})
+    cov = torch.cat([cell_coverage(data.test[i]["mask"][None], (5, 5))
+                     for i in range(len(data.test))])
+    assert metrics["attention_mass_on_objects_chance"] == pytest.approx(float(cov.mean()))
+    assert metrics["pointing_game_chance"] == pytest.approx(float((cov > 0).float().mean()))
+    assert 0 < metrics["pointing_game_chance"] < 0.5
+    html = (tmp_path / "run" / "report" / "index.html").read_text()
+    for name in ("attention_mass_on_objects", "pointing_game"):
+        row = re.search(rf"<tr><td>{name}</td><td>([^<]*)</td><td>([^<]*)</td></tr>", html)
+        assert row and row.group(2) == f"{metrics[name + '_chance']:.4f}", name
+    assert "<td>pointing_game_chance</td>" not in html  # shown beside, not on its own row
+    json.loads((tmp_path / "run" / "metrics.json").read_text())  # and written

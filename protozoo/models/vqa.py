@@ -108,11 +108,13 @@ def attention_metrics(attention: torch.Tensor, coverage: torch.Tensor,
     """Per-image scores of one attention map ``[B, h, w]`` against the cell ``coverage``.
 
     * ``attention_mass_on_objects`` -- sum over cells of attention x covered fraction;
-    * ``attention_mass_uniform`` -- the same for the uniform map 1/N: the chance level;
     * ``pointing_game`` -- is the attention's argmax cell covered (coverage > 0)? Ties (hard
       attention's kept cells, a uniform map) are first broken by ``tie_break`` (HAN's presence
       scores), and any tie left counts the covered share of the tied cells: the expected score of
-      picking one of them at random.
+      picking one of them at random;
+    * each beside its ``_chance`` level, what the uniform map 1/N scores: the mean coverage
+      (``attention_mass_on_objects_chance``) and the share of covered cells
+      (``pointing_game_chance``: every cell tied, so the covered share of them).
     """
     att, cov = attention.flatten(1).float(), coverage.flatten(1)
     top = att >= att.amax(1, keepdim=True)
@@ -121,8 +123,9 @@ def attention_metrics(attention: torch.Tensor, coverage: torch.Tensor,
         top = ranked >= ranked.amax(1, keepdim=True)
     hits = (top & (cov > 0)).sum(1).float() / top.sum(1).float()
     return {"attention_mass_on_objects": (att * cov).sum(1),
-            "attention_mass_uniform": cov.mean(1),
-            "pointing_game": hits}
+            "attention_mass_on_objects_chance": cov.mean(1),
+            "pointing_game": hits,
+            "pointing_game_chance": (cov > 0).float().mean(1)}
 
 
 # ----------------------------------------------------------------------------- shared base
@@ -144,8 +147,7 @@ class VQAModel(ZooModel):
     default_batch_size = 320  # about 16 scenes x their 20 questions, one CNN pass per scene
     task = "vqa"
     test_item = "question"
-    ground_truth_metrics = {"masks": ("attention_mass_on_objects", "attention_mass_uniform",
-                                     "pointing_game")}
+    ground_truth_metrics = {"masks": ("attention_mass_on_objects", "pointing_game")}
     # question: long [L] token ids (0 pads), question_length: int (protozoo.data.contract)
     sample_fields = ("image", "label", "question", "question_length")
     explains_images = False  # an answer needs a question: an image alone has nothing to explain
