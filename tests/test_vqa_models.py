@@ -634,41 +634,7 @@ def test_describe_terms_by_hand():
     assert torch.isclose(empty["describe"], empty["describe_centre"])
 
 
-def test_cell_windows_by_hand():
-    """Each cell's window: 2r x 2r samples centred on the cell's centre, the border repeated."""
-    from protozoo.models.description import cell_windows, describe_channels
-
-    image = torch.arange(16.0).view(1, 1, 4, 4)  # pixel (r, c) = 4r + c
-    windows = cell_windows(image, (2, 2), resolution=2).view(1, 4, 4, 4)
-    assert windows[0, :, :, 0].tolist() == [[0, 0, 1, 2], [0, 0, 1, 2], [4, 4, 5, 6],
-                                            [8, 8, 9, 10]]
-    assert windows[0, :, :, 3].tolist() == [[5, 6, 7, 7], [9, 10, 11, 11], [13, 14, 15, 15],
-                                            [13, 14, 15, 15]]
-    # 75 px on 5x5 cells at the default 4 samples a cell: 3 x 8 x 8 values per cell
-    assert cell_windows(torch.rand(2, 3, 75, 75), (5, 5)).shape == (2, describe_channels("pixels"),
-                                                                   25)
-    assert describe_channels("pixels") == 192 and describe_channels("objects") == 7
-    with pytest.raises(ValueError, match="describe_target must be one of"):
-        describe_channels("masks")
-    with pytest.raises(ValueError, match="even number"):
-        cell_windows(image, (2, 2), resolution=3)
-
-
-def test_pixel_terms_by_hand():
-    """The squared error, and the share of the windows' variance the prediction explains."""
-    from protozoo.models.description import pixel_terms
-
-    target = torch.tensor([[[1.0, 3.0]]])  # one value a window, two cells: mean 2, variance 1
-    mean = pixel_terms(torch.full((1, 1, 1, 2), 2.0), target)
-    assert float(mean["describe"]) == 1.0 and float(mean["describe_explained"]) == 0.0
-    exact = pixel_terms(target.view(1, 1, 1, 2), target)
-    assert float(exact["describe"]) == 0.0 and float(exact["describe_explained"]) == 1.0
-    half = pixel_terms(torch.tensor([[[[1.5, 2.5]]]]), target)
-    assert float(half["describe"]) == 0.25 and float(half["describe_explained"]) == 0.75
-
-
-def _describe_trainer(data, run_dir=None, steps=150, log_every=100, amp="off",
-                      target="objects"):
+def _describe_trainer(data, run_dir=None, steps=150, log_every=100, amp="off"):
     """An engine running ``han``'s ``describe`` step phase alone (the answer's phases dropped)."""
     from dataclasses import replace
 
@@ -677,7 +643,7 @@ def _describe_trainer(data, run_dir=None, steps=150, log_every=100, amp="off",
 
     if run_dir is not None:
         run_dir.mkdir()
-    model = make("han", g_dim=32, f_dim=32, describe_steps=steps, describe_target=target)
+    model = make("han", g_dim=32, f_dim=32, describe_steps=steps)
     cfg = TrainConfig(model="han", dataset="sort-of-clevr", amp=amp, seed=0)
     trainer = Trainer(cfg, model, data, run_dir, DistInfo())
     trainer.phases = [replace(p, log_every=log_every) for p in trainer.phases if p.steps]
@@ -719,42 +685,6 @@ def test_han_describe_phase_pretrains_the_cnn_before_the_answer(tiny_sort_of_cle
     assert result["lr"] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 149 / 150)))
     assert not torch.equal(model.backbone.body.cnn.stages[0][0].weight, cnn)
     assert all(torch.equal(a, b) for a, b in zip(reasoner, model.reasoner.parameters()))
-
-
-def _without_masks(dataset):
-    """A view of a VQA dataset whose items carry no masks, as data without a masks/ folder."""
-    import copy
-
-    view = copy.copy(dataset)
-    view._owners = None
-    assert not view.has_masks and "owner" not in view[0]
-    return view
-
-
-def test_han_pixel_describe_phase_needs_no_masks(tiny_sort_of_clevr):
-    """``describe_target="pixels"``: the describe phase learns from the images alone -- on data
-    without masks (as CLEVR) it trains, and the validation windows' reconstruction error falls
-    to less than half of the untrained CNN's."""
-    from dataclasses import replace
-
-    from torch.utils.data import DataLoader
-
-    from protozoo.models.description import DescribeTask
-
-    data = replace(tiny_sort_of_clevr, train=_without_masks(tiny_sort_of_clevr.train),
-                   val=_without_masks(tiny_sort_of_clevr.val))
-    trainer = _describe_trainer(data, steps=120, log_every=60, target="pixels")
-    task = DescribeTask("pixels")
-    batch = next(iter(DataLoader(task.val_set(data), batch_size=64)))
-    with torch.no_grad():
-        before = float(task.terms(trainer.model, batch)["describe"])
-    result = trainer.fit()[-1]
-    assert result["train/loss"] == result["train/describe"]
-    assert result["val/describe"] < before / 2
-    model = trainer.model
-    image, question, lengths = random_batch()
-    out = model(image, question, lengths)  # the answer's objective needs no masks either
-    assert "loss" in model.objective(out, {"label": out.logits.argmax(1)})
 
 
 def test_han_describe_phase_resumes_to_the_same_weights(tiny_sort_of_clevr, tmp_path,
