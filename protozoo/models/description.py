@@ -12,12 +12,6 @@ ReLU, 1x1 conv) to say, on every cell, whether it holds an object's centre and, 
 the object's colour, how much of its bounding box it fills (the shape) and where in the cell its
 centre lies (:func:`object_descriptions`). The answer's training then starts from that CNN.
 
-``describe_target="pixels"`` is the same phase without the masks (for data that has none, such as
-CLEVR): each cell reconstructs the pixels of a window two cells wide centred on it, at
-:data:`PIXEL_RESOLUTION` samples per cell side (:func:`cell_windows`, :func:`pixel_terms`) -- a
-self-supervised pretext, in the spirit of an autoencoder's, that asks every cell's features to
-carry what lies in and around it.
-
 The phase is a step phase of the engine (:func:`describe_phase`, :class:`DescribeTask`), so it
 has the engine's mixed precision, DDP, checkpoints and resume like the answer's epochs.
 """
@@ -37,8 +31,6 @@ DESCRIBE_LR = 1e-3  # Adam, cosine decay over the steps
 DESCRIBE_LOG_EVERY = 100  # steps a log record (and a checkpoint) averages
 DESCRIBE_VAL_IMAGES = 1000  # validation images the logged figures are measured on
 DESCRIBE_VAL_BATCH = 250
-PIXEL_RESOLUTION = 4  # samples per cell side in describe_target="pixels"'s windows
-DESCRIBE_TARGETS = ("objects", "pixels")
 DESCRIPTION_CHANNELS = ("centre", "red", "green", "blue", "fill", "offset_x", "offset_y")
 MASKS_NEEDED = ("objectness and describe_steps need the objects' masks (the data's masks/ "
                 "folder, as sort-of-clevr has); train with objectness=0 and describe_steps=0")
@@ -153,43 +145,6 @@ def describe_terms(predicted: torch.Tensor, target: torch.Tensor) -> dict[str, t
     return terms
 
 
-def describe_channels(target: str) -> int:
-    """Output channels of the describe head for ``target``: the object description's 7, or one
-    window's pixels (3 x (2 :data:`PIXEL_RESOLUTION`)^2)."""
-    if target not in DESCRIBE_TARGETS:
-        raise ValueError(f"describe_target must be one of {DESCRIBE_TARGETS}, got '{target}'")
-    return len(DESCRIPTION_CHANNELS) if target == "objects" else 3 * (2 * PIXEL_RESOLUTION) ** 2
-
-
-def cell_windows(image: torch.Tensor, grid: tuple[int, int],
-                 resolution: int = PIXEL_RESOLUTION) -> torch.Tensor:
-    """The pixels around every cell of ``grid``, ``[B, C * (2 r)^2, h*w]`` for ``r`` =
-    ``resolution``: ``image`` ``[B, C, H, W]`` is area-averaged to ``r`` samples per cell side,
-    and each cell's window is the ``2r x 2r`` samples centred on the cell's centre (one cell and
-    half of each neighbour; the image's border is repeated outwards). Flattened as
-    :func:`torch.nn.functional.unfold` does: channel-major, then rows, then columns."""
-    if resolution < 2 or resolution % 2:
-        raise ValueError(f"resolution must be an even number >= 2, got {resolution}")
-    h, w = grid
-    small = F.adaptive_avg_pool2d(image.float(), (h * resolution, w * resolution))
-    half = resolution // 2
-    padded = F.pad(small, (half, half, half, half), mode="replicate")
-    return F.unfold(padded, kernel_size=2 * resolution, stride=resolution)
-
-
-def pixel_terms(predicted: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The pixel pretext's loss ``describe`` (the mean squared error of the describe head's
-    ``predicted`` ``[B, D, h, w]`` against :func:`cell_windows`' ``target`` ``[B, D, h*w]``) and
-    ``describe_explained``, the share of the target's variance over the batch's windows that the
-    prediction explains, ``1 - mse / var`` (1 for an exact reconstruction, 0 for predicting the
-    mean window everywhere; not a loss term)."""
-    predicted = predicted.flatten(2).float()
-    target = target.to(predicted.device).float()
-    error = F.mse_loss(predicted, target)
-    spread = (target - target.mean(dim=(0, 2), keepdim=True)).pow(2).mean()
-    return {"describe": error, "describe_explained": 1 - error / spread.clamp(min=1e-12)}
-
-
 def _distinct_images(dataset) -> Subset:
     """One item (its first question) per image of a VQA ``dataset``."""
     _, first = np.unique(np.asarray(dataset.image_indices), return_index=True)
@@ -198,19 +153,13 @@ def _distinct_images(dataset) -> Subset:
 
 class DescribeTask(StepTask):
     """The ``describe`` task: the CNN and the describe head on :func:`describe_terms` (the
-    loss is their sum ``describe``; ``target="objects"``, needs the masks) or on
-    :func:`pixel_terms` (``target="pixels"``, the images alone), on one item per training image
-    (its first question), and validated on up to :data:`DESCRIBE_VAL_IMAGES` validation
-    images."""
+    loss is their sum ``describe``), on one item per training image (its first question), and
+    validated on up to :data:`DESCRIBE_VAL_IMAGES` validation images."""
 
     eval_batch_size = DESCRIBE_VAL_BATCH
 
-    def __init__(self, target: str = "objects"):
-        describe_channels(target)  # validates the name
-        self.target = target
-
     def train_set(self, data) -> Subset:
-        if self.target == "objects" and not getattr(data.train, "has_masks", False):
+        if not getattr(data.train, "has_masks", False):
             raise UserError(MASKS_NEEDED)
         return _distinct_images(data.train)
 
@@ -221,11 +170,7 @@ class DescribeTask(StepTask):
     def terms(self, model, batch: dict) -> dict[str, torch.Tensor]:
         image = batch["image"]
         predicted = model.describe_head(model.backbone(image))
-        grid = tuple(predicted.shape[-2:])
-        if self.target == "pixels":
-            terms = pixel_terms(predicted, cell_windows(image, grid))
-            return {"loss": terms["describe"], **terms}
-        target = object_descriptions(batch["owner"], image, grid)
+        target = object_descriptions(batch["owner"], image, tuple(predicted.shape[-2:]))
         terms = describe_terms(predicted, target)
         return {"loss": terms["describe"], **terms}
 

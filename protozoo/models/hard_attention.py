@@ -25,7 +25,7 @@ from .. import losses
 from ..attention import (RelationModule, Selection, cell_norms, resolve_k, select_adaptive,
                          select_all, select_top_k)
 from ..config import Phase, TrainConfig
-from .description import (MASKS_NEEDED, DescribeTask, describe_channels, describe_phase,
+from .description import (DESCRIPTION_CHANNELS, MASKS_NEEDED, DescribeTask, describe_phase,
                           object_centre_cells)
 from ..errors import UserError
 from ..outputs import VQAOutput
@@ -168,8 +168,7 @@ class HAN(CellReasoner):
                  unit_cells: bool = True, cell_features: bool = True,
                  g_dim: int = 128, g_layers: int = 3, f_dim: int = 128, dropout: float = 0.5,
                  film: bool = True, distance: bool = True, glimpse: float = 1.0,
-                 pair_pool: str = "sum", objectness: float = 0.0, describe_steps: int = 0,
-                 describe_target: str = "objects"):
+                 pair_pool: str = "sum", objectness: float = 0.0, describe_steps: int = 0):
         """Hard attention (Malinowski et al., ECCV 2018): keep the top-k cells by the norm of
         their question-conditioned embedding, reason over the kept cells only. Every departure
         from the paper is an argument; why each exists, and what it measured, is in
@@ -211,9 +210,6 @@ class HAN(CellReasoner):
                 cell, whether it holds an object's centre and that object's colour, fill and
                 offset (:mod:`protozoo.models.description`) -- the pretrained backbone the
                 paper reads, learnt from the masks instead of ImageNet.
-            describe_target: what the ``describe`` phase teaches: ``"objects"`` (the above,
-                from the masks) or ``"pixels"`` (no masks: each cell reconstructs the pixels
-                around it, :func:`~protozoo.models.description.cell_windows`).
 
         The paper's HAN is ``fusion="sum", unit_cells=False, cell_features=False, film=False,
         distance=False, glimpse=0, pair_pool="sum", g_dim=256, g_layers=4, f_dim=256``.
@@ -235,12 +231,10 @@ class HAN(CellReasoner):
         if int(describe_steps) != describe_steps or describe_steps < 0:
             raise ValueError(f"describe_steps must be a whole number >= 0, got {describe_steps}")
         self.describe_steps = int(describe_steps)
-        self.describe_target = describe_target
-        out = describe_channels(describe_target)
         if self.describe_steps:
             self.describe_head = nn.Sequential(
                 nn.Conv2d(bb.channels, f_dim, 1), nn.ReLU(inplace=True),
-                nn.Conv2d(f_dim, out, 1))
+                nn.Conv2d(f_dim, len(DESCRIPTION_CHANNELS), 1))
         if glimpse > 0:
             self.glimpse_head = nn.Sequential(
                 nn.Linear(bb.channels + 2 + question_dim, f_dim), nn.ReLU(inplace=True),
@@ -332,14 +326,14 @@ class HAN(CellReasoner):
         return [describe_phase(self.describe_steps), *answer]
 
     def tasks(self) -> dict:
-        return {"describe": DescribeTask(self.describe_target)} if self.describe_steps else {}
+        return {"describe": DescribeTask()} if self.describe_steps else {}
 
     def objective(self, output: VQAOutput, batch: dict, **weights: float) -> dict:
         """Cross-entropy of the answer, plus ``glimpse`` x the glimpse's cross-entropy (logged
         as ``glimpse``) when the model has one, plus ``objectness`` x its loss. Data without the
         objects' masks is a one-line error when ``objectness`` or ``describe_steps`` needs them
         (so ``train.py``'s dry run catches it before the run folder is written)."""
-        if self.describe_steps and self.describe_target == "objects" and "owner" not in batch:
+        if self.describe_steps and "owner" not in batch:
             raise UserError(MASKS_NEEDED)
         terms = super().objective(output, batch, **weights)
         if output.glimpse_logits is not None:
