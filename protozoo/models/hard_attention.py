@@ -179,6 +179,9 @@ class HAN(CellReasoner):
             fusion: how the question enters the embeddings, ``"gate"`` (ours, default) or
                 ``"sum"`` (the paper's); see :class:`CellEmbedding`.
             top_k: cells kept, a fraction of the cells (default 25%, rounded up) or a count.
+                On Sort-of-CLEVR at the paper's 9,800 scenes, 0.5 (13 of 25 cells) answered
+                4-9 points more relational questions than 0.25 at 2.3x the time an epoch
+                (``docs/han-relational.md``, "Half the cells").
             adaptive: AdaHAN -- keep the cells whose softmax over presence is >= 1/N instead.
             reasoning: ``"relation"`` (a Relation Network over the kept cells with their (x, y)
                 and the question) or ``"pool"`` (``pool`` over the kept cells, then an MLP).
