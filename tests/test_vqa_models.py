@@ -227,10 +227,14 @@ def plain_and_variant(**option):
     return plain, variant, torch.randn(2, 5, 3), torch.randn(2, 2)
 
 
-def test_relation_module_film_scales_the_pair_term_by_the_question():
+@pytest.mark.parametrize("split", [False, True])
+def test_relation_module_film_scales_the_pair_term_by_the_question(split):
     """``g(o_i, o_j, q)``'s first layer with ``film``: ``(W_1 o_i + W_2 o_j) * (1 + F q) + W_3 q
-    + b``, checked against pairwise loops; at initialisation (F = 0) it is the paper's module."""
-    plain, film, objects, question = plain_and_variant(film=True)
+    + b``; with ``split_film``, ``(W_1 o_i) * (1 + F_1 q) + (W_2 o_j) * (1 + F_2 q) + W_3 q + b``
+    (``F = [F_1; F_2]``); checked against pairwise loops. At initialisation (F = 0) either is the
+    paper's module."""
+    plain, film, objects, question = plain_and_variant(film=True, split_film=split)
+    assert film.film.out_features == 8 * (2 if split else 1)
     assert torch.allclose(film(objects, question), plain(objects, question), atol=1e-6)
     with torch.no_grad():
         film.film.weight.normal_()
@@ -238,10 +242,11 @@ def test_relation_module_film_scales_the_pair_term_by_the_question():
     w, d = film.g_first.weight, 3
     for b in range(2):
         gain = 1 + film.film(question[b])
+        gain_i, gain_j = (gain[:8], gain[8:]) if split else (gain, gain)
         total = torch.zeros(8)
         for i in range(5):
             for j in range(5):
-                pre = ((w[:, :d] @ objects[b, i] + w[:, d:2 * d] @ objects[b, j]) * gain
+                pre = (w[:, :d] @ objects[b, i] * gain_i + w[:, d:2 * d] @ objects[b, j] * gain_j
                        + w[:, 2 * d:] @ question[b] + film.g_first.bias)
                 total = total + film.g_rest(pre)
         assert torch.allclose(film(objects, question)[b], film.f(total[None])[0], atol=1e-4)
@@ -249,6 +254,17 @@ def test_relation_module_film_scales_the_pair_term_by_the_question():
         film.film.weight.zero_()
         film.film.bias.fill_(-1.0)
     assert torch.allclose(film(objects, question), film(torch.randn(2, 5, 3), question))
+    if split:  # the second object's gain alone at 0: g reads o_i only, sum_j g = N g(o_i)
+        with torch.no_grad():
+            film.film.bias[:8] = 0.0
+        pre = objects @ w[:, :d].t() + (question @ w[:, 2 * d:].t() + film.g_first.bias)[:, None]
+        total = 5 * film.g_rest(pre).sum(1)
+        assert torch.allclose(film(objects, question), film.f(total), atol=1e-4)
+
+
+def test_split_film_needs_film():
+    with pytest.raises(ValueError, match="split_film=True .* needs film=True"):
+        RelationModule(object_dim=3, question_dim=2, num_outputs=4, split_film=True)
 
 
 def test_relation_module_distance_is_one_more_input_of_g():
@@ -309,7 +325,9 @@ MODELS = [("san", {}), ("san", {"hops": 3, "score_tanh": True, "coordinates": Fa
           ("han", {"adaptive": True, "reasoning": "pool", "pool": "max"}),
           ("han", {"fusion": "sum", "unit_cells": False, "film": False,  # the paper's HAN
                    "cell_features": False, "distance": False}),
-          ("cnn_lstm", {}), ("rn", {}), ("rn", {"film": True, "distance": True})]
+          ("han", {"top_k": 0.5, "split_film": True}),
+          ("cnn_lstm", {}), ("rn", {}), ("rn", {"film": True, "distance": True}),
+          ("rn", {"film": True, "split_film": True})]
 
 
 @pytest.mark.parametrize("name, kwargs", MODELS)
@@ -327,7 +345,8 @@ def test_every_model_runs_forward_backward_with_right_shapes(name, kwargs):
         assert out.scores.shape == (4, 5, 5) and out.kept.dtype == torch.bool
         counts = out.kept.flatten(1).sum(1)
         if not kwargs.get("adaptive"):
-            assert counts.tolist() == [7] * 4  # ceil(25% of 25)
+            expected = math.ceil(kwargs.get("top_k", 0.25) * 25)  # 7 for the default 25%
+            assert counts.tolist() == [expected] * 4
         kept_att = out.attention[:, 0][out.kept]
         assert torch.allclose(kept_att, (1 / counts.float()).repeat_interleave(counts))
     else:

@@ -167,8 +167,9 @@ class HAN(CellReasoner):
                  reasoning: str = "relation", pool: str = "mean", fusion: str = "gate",
                  unit_cells: bool = True, cell_features: bool = True,
                  g_dim: int = 128, g_layers: int = 3, f_dim: int = 128, dropout: float = 0.5,
-                 film: bool = True, distance: bool = True, glimpse: float = 1.0,
-                 pair_pool: str = "sum", objectness: float = 0.0, describe_steps: int = 0):
+                 film: bool = True, split_film: bool = False, distance: bool = True,
+                 glimpse: float = 1.0, pair_pool: str = "sum", objectness: float = 0.0,
+                 describe_steps: int = 0):
         """Hard attention (Malinowski et al., ECCV 2018): keep the top-k cells by the norm of
         their question-conditioned embedding, reason over the kept cells only. Every departure
         from the paper is an argument; why each exists, and what it measured, is in
@@ -197,6 +198,11 @@ class HAN(CellReasoner):
                 MLP uses ``f_dim`` and ``dropout`` too.
             film: the relation module's pair term scaled by the question (ours; ``False`` is
                 the paper's; see :class:`~protozoo.attention.RelationModule`).
+            split_film: a FiLM gain for each of the pair's two objects instead of one for both
+                (ours, off by default): the question can then scale the units that read X
+                differently from those that read the object X is compared with. On
+                Sort-of-CLEVR at the paper's scale with ``top_k=0.5`` (``docs/han-relational.md``,
+                "Two gains"), see the measured figures there.
             distance: ``g`` also gets the distance between the two cells (ours).
             glimpse: weight of an auxiliary loss (ours; 0 trains as the paper does): a soft read
                 of *every* cell, weighted by ``softmax(presence)``, answers the question through
@@ -244,7 +250,8 @@ class HAN(CellReasoner):
                 nn.Linear(f_dim, self.num_classes))
         if reasoning == "relation":
             self.reasoner = RelationModule(cell_dim, question_dim, self.num_classes, g_dim,
-                                           g_layers, f_dim, dropout, film, distance, pair_pool)
+                                           g_layers, f_dim, dropout, film, distance, pair_pool,
+                                           split_film)
         else:
             self.reasoner = nn.Sequential(
                 nn.Linear(cell_dim + question_dim, f_dim), nn.ReLU(inplace=True),
@@ -361,7 +368,7 @@ class RelationNetwork(CellReasoner):
                  pretrained=False, stage: int = -1, class_names: list[str] | None = None,
                  vocab: list[str] | None = None, word_dim: int = 32, question_dim: int = 128,
                  g_dim: int = 256, g_layers: int = 4, f_dim: int = 256, dropout: float = 0.5,
-                 film: bool = False, distance: bool = False):
+                 film: bool = False, split_film: bool = False, distance: bool = False):
         """Santoro et al.'s RN: every CNN cell with its (x, y) is an object; g over all N^2
         pairs with the question, summed, then f. Args as ``han``'s Relation Network; the
         defaults are the paper's (``film`` and ``distance`` off, 256 wide x 4)."""
@@ -369,7 +376,8 @@ class RelationNetwork(CellReasoner):
         bb = self._init_vqa(backbone, pretrained, stage, num_classes, class_names, vocab,
                             word_dim, question_dim)
         self.reasoner = RelationModule(bb.channels + 2, question_dim, self.num_classes, g_dim,
-                                       g_layers, f_dim, dropout, film, distance)
+                                       g_layers, f_dim, dropout, film, distance,
+                                       split_film=split_film)
 
     def cells(self, image, question, question_length, image_index=None) -> CellSet:
         features = self.image_features(image, image_index, question)
