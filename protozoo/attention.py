@@ -288,13 +288,18 @@ class RelationModule(nn.Module):
                                nn.Dropout(dropout), nn.Linear(f_dim, num_outputs))
 
     def relations(self, objects: torch.Tensor, question: torch.Tensor,
-                  valid: torch.Tensor | None = None) -> torch.Tensor:
-        """``sum_{i,j} g(o_i, o_j, q)`` over the valid pairs: ``[B, g_dim]``."""
+                  valid: torch.Tensor | None = None, extra: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+        """``sum_{i,j} g(o_i, o_j, q)`` over the valid pairs: ``[B, g_dim]``. ``extra``
+        ``[B, g_dim]``, when given, is added to the first layer's per-question term ``W_3 q + b``
+        (e.g. ``han``'s word reads: something every pair compares its objects with)."""
         d = self.object_dim
         w = self.g_first.weight
         first = objects @ w[:, :d].t()  # [B, N, H], o_i's share (first in the pair)
         second = objects @ w[:, d:2 * d].t()  # o_j's share
         common = F.linear(question, w[:, 2 * d:], self.g_first.bias)  # [B, H]
+        if extra is not None:
+            common = common + extra
         # Everything that is per object (the FiLM gain, the question's term) is applied before
         # the broadcast over pairs, so the [B, N, N, H] tensor is touched by one add (and one
         # fused multiply-add for the distance): (a_i + b_j) * s + c = (a_i s + c) + (b_j s).
@@ -323,10 +328,11 @@ class RelationModule(nn.Module):
         return torch.cat([total, g.amax(dim=(1, 2))], dim=1)
 
     def forward(self, objects: torch.Tensor, question: torch.Tensor,
-                valid: torch.Tensor | None = None) -> torch.Tensor:
-        """``objects`` ``[B, N, D]``, ``question`` ``[B, Q]``, ``valid`` ``[B, N]`` bool ->
-        ``[B, num_outputs]``."""
-        return self.f(self.relations(objects, question, valid))
+                valid: torch.Tensor | None = None, extra: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """``objects`` ``[B, N, D]``, ``question`` ``[B, Q]``, ``valid`` ``[B, N]`` bool,
+        ``extra`` ``[B, g_dim]`` (see :meth:`relations`) -> ``[B, num_outputs]``."""
+        return self.f(self.relations(objects, question, valid, extra))
 
     @staticmethod
     def pair_counts(valid: torch.Tensor) -> torch.Tensor:

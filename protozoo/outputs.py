@@ -58,6 +58,8 @@ class VQAOutput(ModelOutput):
     scores: torch.Tensor | None = None  # [B, h, w] hard attention: presence (embedding L2 norm)
     kept: torch.Tensor | None = None  # [B, h, w] bool, hard attention: cells the reasoning saw
     glimpse_logits: torch.Tensor | None = None  # [B, K] han's training signal, not its answer
+    read_logits: torch.Tensor | None = None  # [B, K] han's word reads' answer, training only
+    word_attention: torch.Tensor | None = None  # [B, L, h, w] han's word reads: word l's weights
 
 
 # ----------------------------------------------------------------------------- evidence

@@ -17,7 +17,7 @@ from protozoo.attention import (AttentionHop, RelationModule, TopKPool, adaptive
 from protozoo.data.sort_of_clevr import perturbed_dataset
 from protozoo.backbones import Geometry, create_backbone
 from protozoo.errors import DataError, UserError
-from protozoo.models.hard_attention import CellEmbedding, time_reasoning
+from protozoo.models.hard_attention import CellEmbedding, WordReads, time_reasoning
 from protozoo.models.vqa import attention_metrics, cell_coverage
 from protozoo.models.probes import predictions
 
@@ -267,6 +267,104 @@ def test_split_film_needs_film():
         RelationModule(object_dim=3, question_dim=2, num_outputs=4, split_film=True)
 
 
+def test_relation_module_extra_is_added_to_the_question_term():
+    """``extra`` ``[B, g_dim]`` enters ``g``'s first layer beside ``W_3 q + b``: the same as a
+    bias of ``b + extra[b]`` for question b."""
+    torch.manual_seed(0)
+    rn = RelationModule(object_dim=3, question_dim=2, num_outputs=4, g_dim=8, f_dim=8).eval()
+    objects, question, extra = torch.randn(2, 5, 3), torch.randn(2, 2), torch.randn(2, 8)
+    out = rn(objects, question, extra=extra)
+    bias = rn.g_first.bias.detach().clone()
+    for b in range(2):
+        with torch.no_grad():
+            rn.g_first.bias.copy_(bias + extra[b])
+        assert torch.allclose(out[b], rn(objects[b:b + 1], question[b:b + 1])[0], atol=1e-5)
+
+
+def test_word_reads_match_a_hand_computation():
+    """``read = sum_l sigmoid(G w_l) sum_i a_li c_i``, ``a_l = softmax_i(<Q w_l, K c_i> / sqrt(d))``
+    over the valid cells, for the valid words only; checked with loops."""
+    torch.manual_seed(0)
+    reads = WordReads(word_dim=4, cell_dim=3, key_dim=5)
+    words, cells = torch.randn(2, 3, 4), torch.randn(2, 4, 3)
+    word_valid = torch.tensor([[True, True, False], [True, True, True]])
+    cell_valid = torch.tensor([[True, False, True, True], [True] * 4])
+    read, attention = reads(words, word_valid, cells, cell_valid)
+    for b in range(2):
+        expected = torch.zeros(3)
+        for l in range(3):
+            if not word_valid[b, l]:
+                assert attention[b, l].abs().max() == 0  # a padding word reads nothing
+                continue
+            scores = torch.stack([reads.query(words[b, l]) @ reads.key(cells[b, i]) / 5 ** 0.5
+                                  for i in range(4)])
+            scores[~cell_valid[b]] = float("-inf")
+            a = torch.softmax(scores, dim=0)
+            assert torch.allclose(attention[b, l], a, atol=1e-6)
+            expected += torch.sigmoid(reads.gate(words[b, l])) * (a[:, None] * cells[b]).sum(0)
+        assert torch.allclose(read[b], expected, atol=1e-5)
+    assert attention[0, :, 1].abs().max() == 0  # a padding cell is never read
+
+
+def test_word_reads_learn_to_find_the_cell_a_word_names():
+    """A toy binding task: six cells, each a colour (one-hot) and a hidden sign; the question is
+    a filler word and a colour word; the answer is the named cell's sign, read through the
+    words' reads alone. The colour word's weights must land on its cell."""
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    embed, reads, head = torch.nn.Embedding(7, 16), WordReads(16, 8), torch.nn.Linear(8, 1)
+    params = [*embed.parameters(), *reads.parameters(), *head.parameters()]
+    opt = torch.optim.Adam(params, lr=1e-2)
+
+    def batch(n):
+        colours = torch.stack([torch.randperm(6, generator=g) for _ in range(n)])  # [n, 6]
+        sign = torch.randint(0, 2, (n, 6), generator=g).float() * 2 - 1
+        cells = torch.cat([F.one_hot(colours, 6).float(), sign[..., None],
+                           torch.rand(n, 6, 1, generator=g)], dim=2)
+        named = torch.randint(0, 6, (n,), generator=g)
+        question = torch.stack([torch.full((n,), 6), named], dim=1)  # [filler, colour]
+        target = (sign * (colours == named[:, None]).float()).sum(1)
+        return cells, question, target, colours == named[:, None]
+
+    valid = torch.ones(128, 2, dtype=torch.bool)
+    for _ in range(300):
+        cells, question, target, _ = batch(128)
+        read, _ = reads(embed(question), valid, cells)
+        loss = F.soft_margin_loss(head(read).squeeze(1), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        cells, question, target, where = batch(128)
+        read, attention = reads(embed(question), valid, cells)
+        accuracy = (head(read).squeeze(1).sign() == target).float().mean()
+        on_named = (attention[:, 1] * where.float()).sum(1).mean()
+    assert accuracy > 0.95 and on_named > 0.9, (accuracy, on_named)
+
+
+def test_han_word_reads_start_as_han_and_map_each_word_over_the_kept_cells():
+    """A fresh han with ``word_reads`` answers as han without them (``read_to_g`` starts at 0);
+    each real word's weights sum to 1 over the kept cells, 0 elsewhere and for padding; the read's
+    own answer is a logged term of the objective."""
+    image, question, lengths = random_batch()
+    plain = make("han", g_dim=32, f_dim=32).eval()
+    model = make("han", g_dim=32, f_dim=32, word_reads=True).eval()
+    model.load_state_dict(plain.state_dict(), strict=False)
+    out = model(*model.inputs({"image": image, "question": question, "question_length": lengths}))
+    ref = plain(*plain.inputs({"image": image, "question": question, "question_length": lengths}))
+    assert torch.allclose(out.logits, ref.logits, atol=1e-5)
+    assert out.word_attention.shape == (4, question.shape[1], 5, 5)
+    real = (torch.arange(question.shape[1]) < lengths[:, None]).float()
+    assert torch.allclose(out.word_attention.sum(dim=(2, 3)), real, atol=1e-5)
+    outside = out.word_attention * (~out.kept).unsqueeze(1).float()
+    assert outside.abs().max() == 0
+    terms = model.objective(out, {"label": torch.tensor([0, 1, 2, 0])})
+    expected = F.cross_entropy(out.read_logits, torch.tensor([0, 1, 2, 0]))
+    assert torch.isclose(terms["word_reads"], expected)
+    with pytest.raises(ValueError, match="word_reads=True .* needs reasoning='relation'"):
+        make("han", word_reads=True, reasoning="pool")
+
+
 def test_relation_module_distance_is_one_more_input_of_g():
     """``distance=True``: ``g``'s first layer also gets ``|p_i - p_j|`` (p: the objects' last two
     features) times a learnt weight per unit; checked against pairwise loops. With that weight at
@@ -325,7 +423,8 @@ MODELS = [("san", {}), ("san", {"hops": 3, "score_tanh": True, "coordinates": Fa
           ("han", {"adaptive": True, "reasoning": "pool", "pool": "max"}),
           ("han", {"fusion": "sum", "unit_cells": False, "film": False,  # the paper's HAN
                    "cell_features": False, "distance": False}),
-          ("han", {"top_k": 0.5, "split_film": True}),
+          ("han", {"top_k": 0.5, "split_film": True}), ("han", {"word_reads": True}),
+          ("han", {"adaptive": True, "word_reads": True}),
           ("cnn_lstm", {}), ("rn", {}), ("rn", {"film": True, "distance": True}),
           ("rn", {"film": True, "split_film": True})]
 

@@ -44,6 +44,11 @@ class CellSet:
     variable: bool = False  # counts differ between images (AdaHAN): the module must mask
     every_cell: torch.Tensor | None = None  # [B, N, C] all cells, before any selection
     glimpse_logits: torch.Tensor | None = None  # [B, K] han's auxiliary answer (training only)
+    words: torch.Tensor | None = None  # [B, L, W] the question's word embeddings (word reads)
+    word_valid: torch.Tensor | None = None  # [B, L] bool: a word, not padding
+    # filled by han's reason() with word reads: their auxiliary answer and each word's weights
+    read_logits: torch.Tensor | None = None  # [B, K]
+    word_attention: torch.Tensor | None = None  # [B, L, M] over the selection's rows
 
     def without_selection(self) -> CellSet:
         """The same cells with every one kept: what a Relation Network over all cells reads."""
@@ -154,6 +159,46 @@ class CellEmbedding(nn.Module):
         return F.relu(self.conv(features - typical)) * (2 * torch.sigmoid(q))
 
 
+class WordReads(nn.Module):
+    """Every question word reads the kept cells by a key of its own (ours; ``han``'s
+    ``word_reads``).
+
+    Word ``l`` (embedding ``w_l``) spreads ``a_l = softmax_i(<Q w_l, K c_i> / sqrt(d))`` over the
+    cells ``c_i`` -- the kept cells' backbone features and (x, y), which the question does not
+    condition -- and the reads, each gated by its own word, are summed over the question's
+    words (padding left out): ``read = sum_l sigmoid(G w_l) * sum_i a_li c_i``.
+
+    Why: a relational question must bind its answer to the object it names, and the answer alone
+    does not always ask for it -- on Sort-of-CLEVR, "how many objects have the same shape as X"
+    is right 26 times in 32 when answered with the larger shape group's size (X is in it or the
+    groups tie), without finding X. A read keyed by the question
+    vector, or by a learnt choice among its words, follows the question's kind and left X for
+    count questions (``docs/han-relational.md``). A word's read depends on that word alone, so
+    the weights a colour word learns on "what shape is X" find X in a count question too. It is
+    word-to-region attention in the spirit of Lu et al.'s co-attention (NeurIPS 2016), kept to
+    one read per word.
+    """
+
+    def __init__(self, word_dim: int, cell_dim: int, key_dim: int = 32):
+        super().__init__()
+        self.query = nn.Linear(word_dim, key_dim)
+        self.key = nn.Linear(cell_dim, key_dim)
+        self.gate = nn.Linear(word_dim, cell_dim)
+
+    def forward(self, words: torch.Tensor, word_valid: torch.Tensor, cells: torch.Tensor,
+                cell_valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``words`` ``[B, L, W]``, ``word_valid`` ``[B, L]`` bool, ``cells`` ``[B, M, C]``,
+        ``cell_valid`` ``[B, M]`` bool (AdaHAN's padding rows) -> the read ``[B, C]`` and each
+        word's weights ``[B, L, M]`` (0 for a padding word or cell)."""
+        scores = self.query(words) @ self.key(cells).transpose(1, 2)
+        scores = scores.float() / self.key.out_features ** 0.5
+        if cell_valid is not None:
+            scores = scores.masked_fill(~cell_valid.unsqueeze(1), float("-inf"))
+        attention = torch.softmax(scores, dim=2) * word_valid.unsqueeze(-1)
+        reads = attention.to(cells.dtype) @ cells  # [B, L, C]
+        return (torch.sigmoid(self.gate(words)) * reads).sum(1), attention
+
+
 @register_model("han")
 class HAN(CellReasoner):
     # 45 epochs: about 20 minutes on two CPU threads (docs/vqa.md)
@@ -167,9 +212,9 @@ class HAN(CellReasoner):
                  reasoning: str = "relation", pool: str = "mean", fusion: str = "gate",
                  unit_cells: bool = True, cell_features: bool = True,
                  g_dim: int = 128, g_layers: int = 3, f_dim: int = 128, dropout: float = 0.5,
-                 film: bool = True, split_film: bool = False, distance: bool = True,
-                 glimpse: float = 1.0, pair_pool: str = "sum", objectness: float = 0.0,
-                 describe_steps: int = 0):
+                 film: bool = True, split_film: bool = False, word_reads: bool = False,
+                 distance: bool = True, glimpse: float = 1.0, pair_pool: str = "sum",
+                 objectness: float = 0.0, describe_steps: int = 0):
         """Hard attention (Malinowski et al., ECCV 2018): keep the top-k cells by the norm of
         their question-conditioned embedding, reason over the kept cells only. Every departure
         from the paper is an argument; why each exists, and what it measured, is in
@@ -203,6 +248,11 @@ class HAN(CellReasoner):
                 differently from those that read the object X is compared with. On
                 Sort-of-CLEVR at the paper's scale with ``top_k=0.5`` (``docs/han-relational.md``,
                 "Two gains"), see the measured figures there.
+            word_reads: every question word reads the kept cells by its own key and the reads
+                enter ``g`` (:class:`WordReads`; ours, off by default), with an auxiliary
+                answer from the read (weight 1, as the glimpse's), so that a relation can be
+                bound to the object the question names (``docs/han-relational.md``, "Word
+                reads"). ``VQAOutput.word_attention`` holds each word's weights over the cells.
             distance: ``g`` also gets the distance between the two cells (ours).
             glimpse: weight of an auxiliary loss (ours; 0 trains as the paper does): a soft read
                 of *every* cell, weighted by ``softmax(presence)``, answers the question through
@@ -248,6 +298,20 @@ class HAN(CellReasoner):
             self.glimpse_head = nn.Sequential(
                 nn.Linear(bb.channels + 2 + question_dim, f_dim), nn.ReLU(inplace=True),
                 nn.Linear(f_dim, self.num_classes))
+        self.reader = None
+        if word_reads:
+            if reasoning != "relation" or not cell_features:
+                raise ValueError("word_reads=True reads the kept cells' backbone features into "
+                                 "the relation module: it needs reasoning='relation' and "
+                                 "cell_features=True")
+            located_dim = bb.channels + 2  # [v; x; y]
+            self.reader = WordReads(word_dim, located_dim)
+            self.read_to_g = nn.Linear(located_dim, g_dim)  # at 0: a fresh model ignores the read
+            nn.init.zeros_(self.read_to_g.weight)
+            nn.init.zeros_(self.read_to_g.bias)
+            self.read_head = nn.Sequential(
+                nn.Linear(located_dim + question_dim, f_dim), nn.ReLU(inplace=True),
+                nn.Linear(f_dim, self.num_classes))
         if reasoning == "relation":
             self.reasoner = RelationModule(cell_dim, question_dim, self.num_classes, g_dim,
                                            g_layers, f_dim, dropout, film, distance, pair_pool,
@@ -274,8 +338,26 @@ class HAN(CellReasoner):
                            located if self.cell_features else located[..., -2:]], dim=2)
         selection = (select_adaptive(cells, scores) if self.adaptive
                      else select_top_k(cells, scores, self.top_k))
+        words = word_valid = None
+        if self.reader is not None:
+            words = self.question_encoder.embedding(question.long())
+            lengths = torch.as_tensor(question_length, device=words.device).reshape(-1, 1)
+            word_valid = torch.arange(words.shape[1], device=words.device) < lengths
         return CellSet(selection, q, tuple(embeddings.shape[-2:]), presence, self.adaptive,
-                       cells, glimpse)
+                       cells, glimpse, words, word_valid)
+
+    def reason(self, cells: CellSet) -> torch.Tensor:
+        """The relation module over the kept cells; with ``word_reads``, the words' read
+        (:class:`WordReads`) also enters ``g``'s per-question term through ``read_to_g``, and
+        its own answer (``read_head``, a training signal) and weights are left on ``cells``."""
+        if self.reader is None:
+            return super().reason(cells)
+        sel = cells.selection
+        valid = sel.valid if cells.variable else None
+        located = sel.cells[..., self.embed.conv.out_channels:]  # [v; x; y]: no question in it
+        read, cells.word_attention = self.reader(cells.words, cells.word_valid, located, valid)
+        cells.read_logits = self.read_head(torch.cat([read, cells.question], dim=1))
+        return self.reasoner(sel.cells, cells.question, valid, self.read_to_g(read))
 
     def object_centres(self, batch: dict, grid: tuple[int, int]) -> torch.Tensor:
         """:func:`object_centre_cells` of the batch's ownership maps, computed once per distinct
@@ -304,9 +386,17 @@ class HAN(CellReasoner):
         kept = cells.selection.kept
         attention = kept.float() / kept.sum(1, keepdim=True).float()
         b = len(kept)
+        words = None
+        if cells.word_attention is not None:  # rows of the selection -> cells of the grid
+            weights = cells.word_attention
+            index = cells.selection.index.unsqueeze(1).expand(-1, weights.shape[1], -1)
+            words = torch.zeros(weights.shape[:2] + (h * w,), dtype=weights.dtype,
+                                device=weights.device).scatter_add_(2, index, weights)
+            words = words.view(b, -1, h, w)
         return VQAOutput(logits=logits, stride=self.stride, attention=attention.view(b, 1, h, w),
                          scores=cells.scores.view(b, h, w), kept=kept.view(b, h, w),
-                         glimpse_logits=cells.glimpse_logits)
+                         glimpse_logits=cells.glimpse_logits, read_logits=cells.read_logits,
+                         word_attention=words)
 
     def intrinsic_map(self, output: VQAOutput, target: torch.Tensor) -> torch.Tensor:
         """The kept cells ``[B, h, w]``: 1 on a cell the reasoning saw, 0 elsewhere (whatever
@@ -340,7 +430,8 @@ class HAN(CellReasoner):
 
     def objective(self, output: VQAOutput, batch: dict, **weights: float) -> dict:
         """Cross-entropy of the answer, plus ``glimpse`` x the glimpse's cross-entropy (logged
-        as ``glimpse``) when the model has one, plus ``objectness`` x its loss. Data without the
+        as ``glimpse``) when the model has one, plus the word reads' cross-entropy (logged as
+        ``word_reads``) with ``word_reads``, plus ``objectness`` x its loss. Data without the
         objects' masks is a one-line error when ``objectness`` or ``describe_steps`` needs them
         (so ``train.py``'s dry run catches it before the run folder is written)."""
         if self.describe_steps and "owner" not in batch:
@@ -350,6 +441,10 @@ class HAN(CellReasoner):
             aux = losses.cross_entropy(output.glimpse_logits, batch["label"])
             terms["glimpse"] = aux
             terms["loss"] = terms["loss"] + self.glimpse * aux
+        if output.read_logits is not None:
+            aux = losses.cross_entropy(output.read_logits, batch["label"])
+            terms["word_reads"] = aux
+            terms["loss"] = terms["loss"] + aux
         if self.objectness > 0:
             target = self.object_centres(batch, tuple(output.scores.shape[-2:]))
             target = target.to(output.scores.device)
