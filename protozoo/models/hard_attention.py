@@ -253,9 +253,9 @@ class HAN(CellReasoner):
                 enter ``g`` (:class:`WordReads`; ours, off by default), with an auxiliary
                 answer from the read (weight 1, as the glimpse's), so that a relation can be
                 bound to the object the question names. On Sort-of-CLEVR (paper's scale,
-                ``top_k=0.5``, ``split_film``, seed 0) it bound the count (0.81 -> 0.93: answers
-                1 and 2 found) but cost "closest" and "furthest" (0.92 / 0.94 -> 0.76 / 0.85),
-                so it is off by default (``docs/han-relational.md``, "Binding the count on 13
+                ``top_k=0.5``, ``split_film``, seeds 0 and 1) it bound the count (0.80-0.81 ->
+                0.93-0.96: answers 1 and 2 found) but cost "closest" and "furthest" (0.89-0.92
+                / 0.93-0.94 -> 0.76-0.82 / 0.85-0.90), so it is off by default (``docs/han-relational.md``, "Binding the count on 13
                 cells"). ``VQAOutput.word_attention`` holds each word's weights over the cells.
             distance: ``g`` also gets the distance between the two cells (ours).
             glimpse: weight of an auxiliary loss (ours; 0 trains as the paper does): a soft read
