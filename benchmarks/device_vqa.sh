@@ -63,7 +63,8 @@ train han_half "$han_epochs" --model han --model-arg top_k=0.5 & half_pid=$!
 train han_words "$han_epochs" --model han --model-arg top_k=0.5 --model-arg split_film=true \
   --model-arg word_reads=true & words_pid=$!
 train rn "$rn_epochs" --model rn & rn_pid=$!
-wait "$han_pid" "$half_pid" "$words_pid" "$rn_pid"  # not a bare wait: it would also wait for the tee above
+# not a bare wait: it would also wait for the tee above
+wait "$han_pid" "$half_pid" "$words_pid" "$rn_pid"
 
 for name in han han_half han_words rn; do
   tail -n 3 "$runs/$name.console"

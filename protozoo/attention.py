@@ -73,6 +73,13 @@ class Selection:
         """``[B]`` number of kept cells per image."""
         return self.valid.sum(1)
 
+    def on_grid(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` ``[B, ..., M]``, one per packed row, placed on the grid's cells: ``[B, ...,
+        N]``, 0 on the cells not kept (padding rows add 0, so they must carry 0)."""
+        index = self.index.view(self.index.shape[0], *[1] * (values.ndim - 2), -1)
+        grid = values.new_zeros(values.shape[:-1] + self.kept.shape[-1:])
+        return grid.scatter_add_(-1, index.expand_as(values), values)
+
     def pool(self, how: str = "mean") -> torch.Tensor:
         """Max or mean over the valid kept cells only: ``[B, C]``."""
         mask = self.valid.unsqueeze(-1)
@@ -236,15 +243,15 @@ class RelationModule(nn.Module):
     broadcast over pairs. ``valid`` ``[B, N]`` masks padding objects (AdaHAN): a pair counts only
     if both objects are valid, so the result equals the module run on the valid objects alone.
 
-    ``film=True`` (not in the paper) also scales the pair term by the question, FiLM-style (Perez
-    et al. 2018): ``W_1 o_i + W_2 o_j`` is multiplied by ``1 + F q`` before ``W_3 q + b`` is added.
-    ``F`` starts at zero, so a fresh module computes the paper's function. ``split_film=True``
-    gives the pair's two objects a gain each, ``(W_1 o_i) * (1 + F_1 q) + (W_2 o_j) * (1 + F_2 q)``,
-    so that the question can pick which units read the first object (X) and which the second. It exists because the
-    paper's ``g`` must learn "this question word <-> this object" as a conjunction of ReLUs, which
-    an LSTM question makes slow: on sort-of-clevr's six objects given exactly (no CNN), measured
-    on one CPU thread, the paper's form stayed below 0.66 of the non-relational questions for
-    2,800 steps, and with ``film`` answered 0.955 after 1,900.
+    ``film=True`` (not in the paper) also scales the pair term by the question, FiLM-style (Perez et
+    al. 2018): ``W_1 o_i + W_2 o_j`` is multiplied by ``1 + F q`` before ``W_3 q + b`` is added.
+    ``F`` starts at zero, so a fresh module computes the paper's function. ``split_film=True`` gives
+    the pair's two objects a gain each, ``(W_1 o_i)(1 + F_1 q) + (W_2 o_j)(1 + F_2 q)``, so that the
+    question can pick which units read the first object (X) and which the second. ``film`` exists
+    because the paper's ``g`` must learn "this question word <-> this object" as a conjunction of
+    ReLUs, which an LSTM question makes slow: on sort-of-clevr's six objects given exactly (no CNN),
+    measured on one CPU thread, the paper's form stayed below 0.66 of the non-relational questions
+    for 2,800 steps, and with ``film`` answered 0.955 after 1,900.
 
     ``pair_pool="sum+max"`` (not in the paper) hands ``f`` the elementwise max of ``g`` over the
     pairs next to the sum. The sum counts (how many objects share a shape) but makes an argmin

@@ -169,14 +169,13 @@ class WordReads(nn.Module):
     words (padding left out): ``read = sum_l sigmoid(G w_l) * sum_i a_li c_i``.
 
     Why: a relational question must bind its answer to the object it names, and the answer alone
-    does not always ask for it -- on Sort-of-CLEVR, "how many objects have the same shape as X"
-    is right 26 times in 32 when answered with the larger shape group's size (X is in it or the
-    groups tie), without finding X. A read keyed by the question
-    vector, or by a learnt choice among its words, follows the question's kind and left X for
-    count questions (``docs/han-relational.md``). A word's read depends on that word alone, so
-    the weights a colour word learns on "what shape is X" find X in a count question too. It is
-    word-to-region attention in the spirit of Lu et al.'s co-attention (NeurIPS 2016), kept to
-    one read per word.
+    does not always ask for it -- on Sort-of-CLEVR, "how many objects have the same shape as X" is
+    right 26 times in 32 when answered with the larger shape group's size (X is in it or the groups
+    tie), without finding X. A read keyed by the question vector, or by a learnt choice among its
+    words, follows the question's kind and left X for count questions (``docs/han-relational.md``).
+    A word's read depends on that word alone, so the weights a colour word learns on "what shape is
+    X" find X in a count question too. It is word-to-region attention in the spirit of Lu et al.'s
+    co-attention (NeurIPS 2016), kept to one read per word.
     """
 
     def __init__(self, word_dim: int, cell_dim: int, key_dim: int = 32):
@@ -255,8 +254,9 @@ class HAN(CellReasoner):
                 bound to the object the question names. On Sort-of-CLEVR (paper's scale,
                 ``top_k=0.5``, ``split_film``, seeds 0 and 1) it bound the count (0.80-0.81 ->
                 0.93-0.96: answers 1 and 2 found) but cost "closest" and "furthest" (0.89-0.92
-                / 0.93-0.94 -> 0.76-0.82 / 0.85-0.90), so it is off by default (``docs/han-relational.md``, "Binding the count on 13
-                cells"). ``VQAOutput.word_attention`` holds each word's weights over the cells.
+                / 0.93-0.94 -> 0.76-0.82 / 0.85-0.90), so it is off by default
+                (``docs/han-relational.md``, "Binding the count on 13 cells").
+                ``VQAOutput.word_attention`` holds each word's weights over the cells.
             distance: ``g`` also gets the distance between the two cells (ours).
             glimpse: weight of an auxiliary loss (ours; 0 trains as the paper does): a soft read
                 of *every* cell, weighted by ``softmax(presence)``, answers the question through
@@ -391,12 +391,8 @@ class HAN(CellReasoner):
         attention = kept.float() / kept.sum(1, keepdim=True).float()
         b = len(kept)
         words = None
-        if cells.word_attention is not None:  # rows of the selection -> cells of the grid
-            weights = cells.word_attention
-            index = cells.selection.index.unsqueeze(1).expand(-1, weights.shape[1], -1)
-            words = torch.zeros(weights.shape[:2] + (h * w,), dtype=weights.dtype,
-                                device=weights.device).scatter_add_(2, index, weights)
-            words = words.view(b, -1, h, w)
+        if cells.word_attention is not None:
+            words = cells.selection.on_grid(cells.word_attention).view(b, -1, h, w)
         return VQAOutput(logits=logits, stride=self.stride, attention=attention.view(b, 1, h, w),
                          scores=cells.scores.view(b, h, w), kept=kept.view(b, h, w),
                          glimpse_logits=cells.glimpse_logits, read_logits=cells.read_logits,
