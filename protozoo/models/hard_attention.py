@@ -207,11 +207,11 @@ class HAN(CellReasoner):
     def __init__(self, backbone: str = "rn_cnn_rgb", num_classes: int | None = None,
                  pretrained=False, stage: int = -1, class_names: list[str] | None = None,
                  vocab: list[str] | None = None, word_dim: int = 32, question_dim: int = 128,
-                 embed_dim: int = 64, top_k: float | int = 0.25, adaptive: bool = False,
+                 embed_dim: int = 64, top_k: float | int = 0.5, adaptive: bool = False,
                  reasoning: str = "relation", pool: str = "mean", fusion: str = "gate",
                  unit_cells: bool = True, cell_features: bool = True,
                  g_dim: int = 128, g_layers: int = 3, f_dim: int = 128, dropout: float = 0.5,
-                 film: bool = True, split_film: bool = False, word_reads: bool = False,
+                 film: bool = True, split_film: bool = True, word_reads: bool = True,
                  distance: bool = True, glimpse: float = 1.0, pair_pool: str = "sum",
                  objectness: float = 0.0, describe_steps: int = 0):
         """Hard attention (Malinowski et al., ECCV 2018): keep the top-k cells by the norm of
@@ -223,10 +223,11 @@ class HAN(CellReasoner):
             embed_dim: channels of the 1x1-conv cell embeddings (whose norm is the presence).
             fusion: how the question enters the embeddings, ``"gate"`` (ours, default) or
                 ``"sum"`` (the paper's); see :class:`CellEmbedding`.
-            top_k: cells kept, a fraction of the cells (default 25%, rounded up) or a count.
+            top_k: cells kept, a fraction of the cells (default 50%, rounded up) or a count.
                 On Sort-of-CLEVR at the paper's 9,800 scenes, 0.5 (13 of 25 cells) answered
                 4-9 points more relational questions than 0.25 at 2.3x the time an epoch
-                (``docs/han-relational.md``, "Half the cells").
+                (``docs/han-relational.md``, "Half the cells"); the paper keeps fewer (e.g.
+                16 of 196 on CLEVR).
             adaptive: AdaHAN -- keep the cells whose softmax over presence is >= 1/N instead.
             reasoning: ``"relation"`` (a Relation Network over the kept cells with their (x, y)
                 and the question) or ``"pool"`` (``pool`` over the kept cells, then an MLP).
@@ -243,19 +244,19 @@ class HAN(CellReasoner):
             film: the relation module's pair term scaled by the question (ours; ``False`` is
                 the paper's; see :class:`~protozoo.attention.RelationModule`).
             split_film: a FiLM gain for each of the pair's two objects instead of one for both
-                (ours, off by default): the question can then scale the units that read X
-                differently from those that read the object X is compared with. On
-                Sort-of-CLEVR at the paper's scale with ``top_k=0.5``: relational 0.891 / 0.872
-                against 0.868 / 0.882 without (seeds 0, 1), inside the spread
-                (``docs/han-relational.md``, "Binding the count on 13 cells").
-            word_reads: every question word reads the kept cells by its own key and the reads
-                enter ``g`` (:class:`WordReads`; ours, off by default), with an auxiliary
-                answer from the read (weight 1, as the glimpse's), so that a relation can be
-                bound to the object the question names. On Sort-of-CLEVR (paper's scale,
-                ``top_k=0.5``, ``split_film``, seeds 0 and 1) it bound the count (0.80-0.81 ->
-                0.93-0.96: answers 1 and 2 found) but cost "closest" and "furthest" (0.89-0.92
-                / 0.93-0.94 -> 0.76-0.82 / 0.85-0.90), so it is off by default
-                (``docs/han-relational.md``, "Binding the count on 13 cells").
+                (ours; needs ``film``): the question can then scale the units that read X
+                differently from those that read the object X is compared with. Alone (no
+                word reads, ``top_k=0.5``) it moved relational accuracy inside the run-to-run
+                spread (``docs/han-relational.md``, "Binding the count on 13 cells"); the
+                default measured with word reads keeps it.
+            word_reads: every question word reads the kept cells by its own key
+                (:class:`WordReads`; ours) and the read enters ``f`` beside the pooled pairs,
+                with an auxiliary answer from the read (weight 1, as the glimpse's), so that
+                the answer can be bound to the object the question names. Needs
+                ``reasoning="relation"`` and ``cell_features``. On Sort-of-CLEVR at the
+                paper's scale it bound the count (0.80 -> 0.95-0.97: answers 1 and 2 found);
+                read into ``g``'s every pair instead, it cost "closest" and "furthest"
+                (``docs/han-relational.md``, "The read beside the pairs").
                 ``VQAOutput.word_attention`` holds each word's weights over the cells.
             distance: ``g`` also gets the distance between the two cells (ours).
             glimpse: weight of an auxiliary loss (ours; 0 trains as the paper does): a soft read
@@ -275,7 +276,8 @@ class HAN(CellReasoner):
                 paper reads, learnt from the masks instead of ImageNet.
 
         The paper's HAN is ``fusion="sum", unit_cells=False, cell_features=False, film=False,
-        distance=False, glimpse=0, pair_pool="sum", g_dim=256, g_layers=4, f_dim=256``.
+        split_film=False, word_reads=False, distance=False, glimpse=0, pair_pool="sum",
+        g_dim=256, g_layers=4, f_dim=256``.
         """
         super().__init__()
         if reasoning not in ("relation", "pool"):
@@ -305,14 +307,16 @@ class HAN(CellReasoner):
         self.reader = None
         if word_reads:
             if reasoning != "relation" or not cell_features:
-                raise ValueError("word_reads=True reads the kept cells' backbone features into "
-                                 "the relation module: it needs reasoning='relation' and "
-                                 "cell_features=True")
+                raise ValueError("word_reads=True (the default) reads the kept cells' backbone "
+                                 "features into the relation module: it needs "
+                                 "reasoning='relation' and cell_features=True; pass "
+                                 "word_reads=false with other settings")
             located_dim = bb.channels + 2  # [v; x; y]
             self.reader = WordReads(word_dim, located_dim)
-            self.read_to_g = nn.Linear(located_dim, g_dim)  # at 0: a fresh model ignores the read
-            nn.init.zeros_(self.read_to_g.weight)
-            nn.init.zeros_(self.read_to_g.bias)
+            pooled_dim = g_dim * (2 if pair_pool == "sum+max" else 1)  # f's input
+            self.read_to_f = nn.Linear(located_dim, pooled_dim)  # at 0: a fresh model ignores it
+            nn.init.zeros_(self.read_to_f.weight)
+            nn.init.zeros_(self.read_to_f.bias)
             self.read_head = nn.Sequential(
                 nn.Linear(located_dim + question_dim, f_dim), nn.ReLU(inplace=True),
                 nn.Linear(f_dim, self.num_classes))
@@ -352,8 +356,9 @@ class HAN(CellReasoner):
 
     def reason(self, cells: CellSet) -> torch.Tensor:
         """The relation module over the kept cells; with ``word_reads``, the words' read
-        (:class:`WordReads`) also enters ``g``'s per-question term through ``read_to_g``, and
-        its own answer (``read_head``, a training signal) and weights are left on ``cells``."""
+        (:class:`WordReads`) also enters ``f`` beside the pooled pairs through ``read_to_f``,
+        and its own answer (``read_head``, a training signal) and weights are left on
+        ``cells``."""
         if self.reader is None:
             return super().reason(cells)
         sel = cells.selection
@@ -361,7 +366,7 @@ class HAN(CellReasoner):
         located = sel.cells[..., self.embed.conv.out_channels:]  # [v; x; y]: no question in it
         read, cells.word_attention = self.reader(cells.words, cells.word_valid, located, valid)
         cells.read_logits = self.read_head(torch.cat([read, cells.question], dim=1))
-        return self.reasoner(sel.cells, cells.question, valid, self.read_to_g(read))
+        return self.reasoner(sel.cells, cells.question, valid, self.read_to_f(read))
 
     def object_centres(self, batch: dict, grid: tuple[int, int]) -> torch.Tensor:
         """:func:`object_centre_cells` of the batch's ownership maps, computed once per distinct
