@@ -141,8 +141,11 @@ def saved_kwargs(name: str, kwargs: dict) -> dict:
     """Constructor arguments read back from a checkpoint or resume state, as the model they
     trained was built. Before arguments were type-checked, ``--model-arg film=False`` was saved
     as the string "False", which the model read as true; such a value becomes that truth value,
-    so an old run loads as the model its weights belong to."""
+    so an old run loads as the model its weights belong to. For the same reason an argument the
+    saved run predates takes the family's ``absent_kwargs`` value (what the model computed before
+    the argument existed), not today's default."""
     hints = constructor_hints(name)
+    kwargs = {**getattr(MODELS.get(name), "absent_kwargs", {}), **kwargs}
     return {key: bool(value) if isinstance(value, str) and hints.get(key) is bool else value
             for key, value in kwargs.items()}
 

@@ -303,3 +303,25 @@ def test_a_checkpoint_from_before_type_checks_loads_as_it_trained(tmp_path):
     assert loaded.coordinates is True
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value)
+
+
+def test_a_han_saved_before_word_reads_existed_loads_without_them(tmp_path):
+    """``split_film`` and ``word_reads`` became han's defaults after runs without them were
+    saved: a config that lacks them (what train.py wrote before) loads as the model it trained,
+    both off, not with today's defaults; a config that has them keeps its values."""
+    vocab = ["<pad>", "<unk>", "what"]
+    model = protozoo.create_model("han", num_classes=2, vocab=vocab, top_k=0.25,
+                                  split_film=False, word_reads=False, g_dim=16, f_dim=16)
+    protozoo.save(model, tmp_path)
+    config = json.loads((tmp_path / CONFIG).read_text())
+    for key in ("split_film", "word_reads"):
+        del config["kwargs"][key]
+    (tmp_path / CONFIG).write_text(json.dumps(config))
+    loaded = protozoo.load(tmp_path)
+    assert loaded.reader is None and not loaded.reasoner.split_film
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value)
+    fresh = protozoo.create_model("han", num_classes=2, vocab=vocab, g_dim=16, f_dim=16)
+    protozoo.save(fresh, tmp_path / "now")
+    again = protozoo.load(tmp_path / "now")
+    assert again.reader is not None and again.reasoner.split_film

@@ -116,6 +116,10 @@ class ZooModel(nn.Module):
     # Do its metrics and report read the training images (``DataBundle.push``, e.g. the patches
     # ProtoPNet's prototypes were projected onto)? protozoo.evaluate then needs ``push_data``.
     uses_training_images: bool = False
+    # Constructor arguments added after the family was first saved whose default is not what an
+    # earlier model computed: a checkpoint or resume state without one loads with this value
+    # (``protozoo.registry.saved_kwargs``), so an old run is still the model it trained.
+    absent_kwargs: dict = {}
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

@@ -203,6 +203,8 @@ class HAN(CellReasoner):
     # 45 epochs: about 20 minutes on two CPU threads (docs/vqa.md)
     builtin_epochs = 45
     keeps_cells = True  # the report outlines the kept cells and dims the others
+    # on by default since 2026-12-04: a run saved before the arguments existed had neither
+    absent_kwargs = {"split_film": False, "word_reads": False}
 
     def __init__(self, backbone: str = "rn_cnn_rgb", num_classes: int | None = None,
                  pretrained=False, stage: int = -1, class_names: list[str] | None = None,
