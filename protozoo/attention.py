@@ -291,7 +291,7 @@ class RelationModule(nn.Module):
         self.distance = nn.Parameter(0.5 * torch.randn(g_dim)) if distance else None
         self.g_rest = nn.Sequential(nn.ReLU(),  # not in place: its input is a view of ``pre``
                                     *_mlp([g_dim] * g_layers, final_relu=True))
-        self.pooled_dim = g_dim * (2 if pair_pool == "sum+max" else 1)
+        self.pooled_dim = self.pooled_width(g_dim, pair_pool)
         self.f = nn.Sequential(*_mlp([self.pooled_dim, f_dim, f_dim], final_relu=True),
                                nn.Dropout(dropout), nn.Linear(f_dim, num_outputs))
 
@@ -340,6 +340,11 @@ class RelationModule(nn.Module):
         reads, something the answer needs beside the pairs)."""
         pooled = self.relations(objects, question, valid)
         return self.f(pooled if extra is None else pooled + extra)
+
+    @staticmethod
+    def pooled_width(g_dim: int, pair_pool: str) -> int:
+        """Width of the pooled relations ``f`` reads: ``g_dim``, twice that for ``"sum+max"``."""
+        return g_dim * (2 if pair_pool == "sum+max" else 1)
 
     @staticmethod
     def pair_counts(valid: torch.Tensor) -> torch.Tensor:

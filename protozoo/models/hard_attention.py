@@ -228,8 +228,9 @@ class HAN(CellReasoner):
             top_k: cells kept, a fraction of the cells (default 50%, rounded up) or a count.
                 On Sort-of-CLEVR at the paper's 9,800 scenes, 0.5 (13 of 25 cells) answered
                 4-9 points more relational questions than 0.25 at 2.3x the time an epoch
-                (``docs/han-relational.md``, "Half the cells"); the paper keeps fewer (e.g.
-                16 of 196 on CLEVR).
+                (``docs/han-relational.md``, "Half the cells"). A fraction grows with the
+                grid (300 of CLEVR's 600 cells at its native size): on a large grid pass a
+                count (e.g. 16).
             adaptive: AdaHAN -- keep the cells whose softmax over presence is >= 1/N instead.
             reasoning: ``"relation"`` (a Relation Network over the kept cells with their (x, y)
                 and the question) or ``"pool"`` (``pool`` over the kept cells, then an MLP).
@@ -256,9 +257,10 @@ class HAN(CellReasoner):
                 with an auxiliary answer from the read (weight 1, as the glimpse's), so that
                 the answer can be bound to the object the question names. Needs
                 ``reasoning="relation"`` and ``cell_features``. On Sort-of-CLEVR at the
-                paper's scale it bound the count (0.80 -> 0.95-0.97: answers 1 and 2 found);
-                read into ``g``'s every pair instead, it cost "closest" and "furthest"
-                (``docs/han-relational.md``, "The read beside the pairs").
+                paper's scale it bound the count (0.80 -> 0.94-0.97: answers 1 and 2 found,
+                three seeds) and cost "closest" (0.87-0.92 -> 0.74-0.86); relational 0.847-0.914
+                against 0.868-0.891 without (``docs/han-relational.md``, "The read beside the
+                pairs").
                 ``VQAOutput.word_attention`` holds each word's weights over the cells.
             distance: ``g`` also gets the distance between the two cells (ours).
             glimpse: weight of an auxiliary loss (ours; 0 trains as the paper does): a soft read
@@ -315,7 +317,7 @@ class HAN(CellReasoner):
                                  "word_reads=false with other settings")
             located_dim = bb.channels + 2  # [v; x; y]
             self.reader = WordReads(word_dim, located_dim)
-            pooled_dim = g_dim * (2 if pair_pool == "sum+max" else 1)  # f's input
+            pooled_dim = RelationModule.pooled_width(g_dim, pair_pool)  # f's input
             self.read_to_f = nn.Linear(located_dim, pooled_dim)  # at 0: a fresh model ignores it
             nn.init.zeros_(self.read_to_f.weight)
             nn.init.zeros_(self.read_to_f.bias)
