@@ -363,9 +363,18 @@ def test_han_word_reads_start_as_han_and_map_each_word_over_the_kept_cells():
     assert torch.allclose(out.word_attention.sum(dim=(2, 3)), real, atol=1e-5)
     outside = out.word_attention * (~out.kept).unsqueeze(1).float()
     assert outside.abs().max() == 0
-    terms = model.objective(out, {"label": torch.tensor([0, 1, 2, 0])})
-    expected = F.cross_entropy(out.read_logits, torch.tensor([0, 1, 2, 0]))
+    labels = torch.tensor([0, 1, 2, 0])
+    terms = model.objective(out, {"label": labels})
+    expected = F.cross_entropy(out.read_logits, labels)
     assert torch.isclose(terms["word_reads"], expected)
+    glimpse = F.cross_entropy(out.glimpse_logits, labels)  # han's glimpse, weight 1
+    answer = F.cross_entropy(out.logits, labels)
+    assert torch.isclose(terms["loss"], answer + glimpse + expected)
+    model.read_weight = 0.3
+    assert torch.isclose(model.objective(out, {"label": labels})["loss"],
+                         answer + glimpse + 0.3 * expected)
+    with pytest.raises(ValueError, match="read_weight must be >= 0"):
+        make("han", read_weight=-1.0)
     with pytest.raises(ValueError, match="word_reads=True .* needs reasoning='relation'.*"
                                          "pass word_reads=false"):
         make("han", reasoning="pool")

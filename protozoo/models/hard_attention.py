@@ -214,7 +214,7 @@ class HAN(CellReasoner):
                  unit_cells: bool = True, cell_features: bool = True,
                  g_dim: int = 128, g_layers: int = 3, f_dim: int = 128, dropout: float = 0.5,
                  film: bool = True, split_film: bool = True, word_reads: bool = True,
-                 distance: bool = True, glimpse: float = 1.0, pair_pool: str = "sum",
+                 read_weight: float = 1.0, distance: bool = True, glimpse: float = 1.0, pair_pool: str = "sum",
                  objectness: float = 0.0, describe_steps: int = 0):
         """Hard attention (Malinowski et al., ECCV 2018): keep the top-k cells by the norm of
         their question-conditioned embedding, reason over the kept cells only. Every departure
@@ -262,6 +262,8 @@ class HAN(CellReasoner):
                 against 0.868-0.891 without (``docs/han-relational.md``, "The read beside the
                 pairs").
                 ``VQAOutput.word_attention`` holds each word's weights over the cells.
+            read_weight: weight of the word reads' auxiliary answer in the objective (ours;
+                logged as ``word_reads``); 0 trains the read through the answer alone.
             distance: ``g`` also gets the distance between the two cells (ours).
             glimpse: weight of an auxiliary loss (ours; 0 trains as the paper does): a soft read
                 of *every* cell, weighted by ``softmax(presence)``, answers the question through
@@ -297,6 +299,9 @@ class HAN(CellReasoner):
         self.embed = CellEmbedding(bb.channels, question_dim, embed_dim, fusion)
         cell_dim = embed_dim + (bb.channels if cell_features else 0) + 2  # + (x, y)
         self.glimpse, self.objectness = glimpse, objectness
+        if not read_weight >= 0:
+            raise ValueError(f"read_weight must be >= 0, got {read_weight}")
+        self.read_weight = float(read_weight)
         if int(describe_steps) != describe_steps or describe_steps < 0:
             raise ValueError(f"describe_steps must be a whole number >= 0, got {describe_steps}")
         self.describe_steps = int(describe_steps)
@@ -440,7 +445,7 @@ class HAN(CellReasoner):
     def objective(self, output: VQAOutput, batch: dict, **weights: float) -> dict:
         """Cross-entropy of the answer, plus ``glimpse`` x the glimpse's cross-entropy (logged
         as ``glimpse``) when the model has one, plus the word reads' cross-entropy (logged as
-        ``word_reads``) with ``word_reads``, plus ``objectness`` x its loss. Data without the
+        ``word_reads``) times ``read_weight`` with ``word_reads``, plus ``objectness`` x its loss. Data without the
         objects' masks is a one-line error when ``objectness`` or ``describe_steps`` needs them
         (so ``train.py``'s dry run catches it before the run folder is written)."""
         if self.describe_steps and "owner" not in batch:
@@ -453,7 +458,7 @@ class HAN(CellReasoner):
         if output.read_logits is not None:
             aux = losses.cross_entropy(output.read_logits, batch["label"])
             terms["word_reads"] = aux
-            terms["loss"] = terms["loss"] + aux
+            terms["loss"] = terms["loss"] + self.read_weight * aux
         if self.objectness > 0:
             target = self.object_centres(batch, tuple(output.scores.shape[-2:]))
             target = target.to(output.scores.device)
