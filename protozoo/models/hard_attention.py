@@ -200,7 +200,8 @@ class WordReads(nn.Module):
 
 @register_model("han")
 class HAN(CellReasoner):
-    # 45 epochs: about 20 minutes on two CPU threads (docs/vqa.md)
+    # 45 epochs: ~40 minutes of epochs on one CPU thread in bf16 with the defaults of 2026-12-04
+    # (about 20 on two threads with the previous 25% of cells; docs/vqa.md)
     builtin_epochs = 45
     keeps_cells = True  # the report outlines the kept cells and dims the others
     # on by default since 2026-12-04: a run saved before the arguments existed had neither
