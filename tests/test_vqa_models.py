@@ -369,10 +369,10 @@ def test_han_word_reads_start_as_han_and_map_each_word_over_the_kept_cells():
     assert torch.isclose(terms["word_reads"], expected)
     glimpse = F.cross_entropy(out.glimpse_logits, labels)  # han's glimpse, weight 1
     answer = F.cross_entropy(out.logits, labels)
-    assert torch.isclose(terms["loss"], answer + glimpse + expected)
-    model.read_weight = 0.3
+    assert torch.isclose(terms["loss"], answer + glimpse + model.read_weight * expected)
+    model.read_weight = 0.7
     assert torch.isclose(model.objective(out, {"label": labels})["loss"],
-                         answer + glimpse + 0.3 * expected)
+                         answer + glimpse + 0.7 * expected)
     with pytest.raises(ValueError, match="read_weight must be >= 0"):
         make("han", read_weight=-1.0)
     with pytest.raises(ValueError, match="word_reads=True .* needs reasoning='relation'.*"
@@ -662,7 +662,7 @@ def test_han_glimpse_is_a_training_signal_the_answer_never_reads():
     terms = model.objective(out, {"label": labels})
     ce, aux = F.cross_entropy(out.logits, labels), F.cross_entropy(out.glimpse_logits, labels)
     assert torch.allclose(terms["glimpse"], aux)
-    reads = F.cross_entropy(out.read_logits, labels)  # the word reads' answer, weight 1
+    reads = model.read_weight * F.cross_entropy(out.read_logits, labels)  # the word reads
     assert torch.allclose(terms["loss"], ce + 0.5 * aux + reads)
     aux.backward()
     grad = seen["emb"].grad.abs().sum(1)  # [B, h, w]
@@ -700,7 +700,7 @@ def test_han_objectness_loss_is_cross_entropy_over_centre_cells():
     logp = torch.log_softmax(out.scores.flatten(1), dim=1)
     expected = (-(logp[0, 0] + logp[0, 2 * 5 + 4]) / 2 - logp[1, 0]) / 2
     assert torch.allclose(terms["objectness"], expected)
-    reads = F.cross_entropy(out.read_logits, labels)  # the word reads' answer, weight 1
+    reads = model.read_weight * F.cross_entropy(out.read_logits, labels)  # the word reads
     assert torch.allclose(terms["loss"],
                           F.cross_entropy(out.logits, labels) + reads + 0.5 * expected)
     terms["objectness"].backward()  # the presence of every cell learns from it
