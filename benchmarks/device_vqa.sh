@@ -2,10 +2,9 @@
 # Issue 4's GPU check, prepared to fit one call of a lent GPU machine (at most 10 minutes):
 # `han` (its defaults: a relation network on half of the cells with word reads, seeds 0 and 1; and
 # the previous default, the top 25% of the cells without them) and the full relation network `rn`,
-# trained side by side on one GPU on Sort-of-CLEVR at the
-# paper's size -- Santoro et al. 2017: 10,000 scenes of 75 px with 10 non-relational and 10
-# relational questions each; we keep 9,800 for training (as the public generator does) and test
-# on 500 -- then scored by evaluate.py.
+# trained side by side on one GPU on Sort-of-CLEVR at the paper's size -- Santoro et al. 2017:
+# 10,000 scenes of 75 px with 10 non-relational and 10 relational questions each; we keep 9,800
+# for training (as the public generator does) and test on 500 -- then scored by evaluate.py.
 #
 #   bash benchmarks/device_vqa.sh OUT                # on the GPU machine, from the repo root
 #   bash benchmarks/device_vqa.sh OUT --smoke        # the same steps, tiny, on a CPU (51 s on 2 cores, 2026-12-04)

@@ -215,7 +215,8 @@ class HAN(CellReasoner):
                  unit_cells: bool = True, cell_features: bool = True,
                  g_dim: int = 128, g_layers: int = 3, f_dim: int = 128, dropout: float = 0.5,
                  film: bool = True, split_film: bool = True, word_reads: bool = True,
-                 read_weight: float = 0.3, distance: bool = True, glimpse: float = 1.0, pair_pool: str = "sum",
+                 read_weight: float = 0.3, distance: bool = True, glimpse: float = 1.0,
+                 pair_pool: str = "sum",
                  objectness: float = 0.0, describe_steps: int = 0):
         """Hard attention (Malinowski et al., ECCV 2018): keep the top-k cells by the norm of
         their question-conditioned embedding, reason over the kept cells only. Every departure
@@ -255,7 +256,7 @@ class HAN(CellReasoner):
                 default measured with word reads keeps it.
             word_reads: every question word reads the kept cells by its own key
                 (:class:`WordReads`; ours) and the read enters ``f`` beside the pooled pairs,
-                with an auxiliary answer from the read (weight 1, as the glimpse's), so that
+                with an auxiliary answer from the read (weight ``read_weight``), so that
                 the answer can be bound to the object the question names. Needs
                 ``reasoning="relation"`` and ``cell_features``. On Sort-of-CLEVR at the
                 paper's scale it bound the count (0.80 -> 0.94-0.97: answers 1 and 2 found,
