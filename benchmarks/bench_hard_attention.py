@@ -66,8 +66,10 @@ def synthetic_batch(args, device: torch.device, seed: int) -> dict:
 def build(family: str, args, device: torch.device, seed: int):
     torch.manual_seed(seed)  # same backbone initialisation for both families
     module = dict(g_dim=args.g_dim, g_layers=args.g_layers, f_dim=args.f_dim, film=True,
-                  distance=True)
+                  split_film=True, distance=True)
     kwargs = dict(vocab=VOCAB, num_classes=10, **module)
+    if family == "han" and args.top_k is not None:
+        kwargs["top_k"] = args.top_k
     return create_model(family, **kwargs).to(device).train()
 
 
@@ -107,6 +109,8 @@ def main(argv=None) -> None:
     p.add_argument("--f-dim", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="timed repetitions of each")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--top-k", type=lambda v: int(v) if v.isdigit() else float(v), default=None,
+                   help="han's top_k: a count (16) or a fraction (0.25); default han's own")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="smoke run: 4 images, 3 repetitions")
     p.add_argument("--amp", choices=("bf16", "fp16"), default=None,

@@ -3,7 +3,7 @@
 * ``han`` -- hard attention (Malinowski, Doersch, Santoro, Battaglia, "Learning Visual Question
   Answering by Bootstrapping Hard Attention", ECCV 2018): question-conditioned 1x1-conv cell
   embeddings (:class:`CellEmbedding`), a cell's presence score is its embedding's L2 norm, and
-  only the top-k cells (default 25%) reach the reasoning module -- a Relation Network over the
+  only the top-k cells (default half) reach the reasoning module -- a Relation Network over the
   kept cells (with their coordinates and the question) or pooling. ``adaptive=True`` is AdaHAN.
 * ``rn`` -- a Relation Network over *all* cells (Santoro et al., NeurIPS 2017): the cost hard
   attention is measured against (:func:`time_reasoning`).
