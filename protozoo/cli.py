@@ -122,7 +122,8 @@ def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--epochs", type=int, help="default: the model family's schedule")
     p.add_argument("--schedule", help="family schedule (ProtoPNet: auto, short, paper)")
-    p.add_argument("--batch-size", type=int, help="default: the family's (64; VQA models 320)")
+    p.add_argument("--batch-size", type=int,
+                   help="default: the family's (64; san, han, cnn_lstm 320)")
     p.add_argument("--lr", type=float, help="default: the model family's learning rates")
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",

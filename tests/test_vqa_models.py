@@ -1235,10 +1235,12 @@ def test_no_behavioural_test_without_scenes():
 
 
 def test_vqa_families_train_on_batches_of_whole_scenes():
-    """train.py's batch size defaults to the family's: 320 questions (~16 scenes) for VQA."""
+    """train.py's batch size defaults to the family's: 320 questions (~16 scenes) for VQA, the
+    paper's 64 for the full Relation Network."""
     from protozoo.registry import model_batch_size
 
-    assert [model_batch_size(n) for n in ("san", "han", "cnn_lstm", "rn")] == [320] * 4
+    assert [model_batch_size(n) for n in ("san", "han", "cnn_lstm")] == [320] * 3
+    assert model_batch_size("rn") == 64
     assert model_batch_size("protopnet") == model_batch_size("cam") == 64
 
 

@@ -450,9 +450,10 @@ class HAN(CellReasoner):
     def objective(self, output: VQAOutput, batch: dict, **weights: float) -> dict:
         """Cross-entropy of the answer, plus ``glimpse`` x the glimpse's cross-entropy (logged
         as ``glimpse``) when the model has one, plus the word reads' cross-entropy (logged as
-        ``word_reads``) times ``read_weight`` with ``word_reads``, plus ``objectness`` x its loss. Data without the
-        objects' masks is a one-line error when ``objectness`` or ``describe_steps`` needs them
-        (so ``train.py``'s dry run catches it before the run folder is written)."""
+        ``word_reads``) times ``read_weight`` with ``word_reads``, plus ``objectness`` x its
+        loss. Data without the objects' masks is a one-line error when ``objectness`` or
+        ``describe_steps`` needs them (so ``train.py``'s dry run catches it before the run
+        folder is written)."""
         if self.describe_steps and "owner" not in batch:
             raise UserError(MASKS_NEEDED)
         terms = super().objective(output, batch, **weights)
@@ -477,6 +478,11 @@ class HAN(CellReasoner):
 @register_model("rn")
 class RelationNetwork(CellReasoner):
     builtin_epochs = 1  # 625 pairs per question: one epoch is already ~20 CPU minutes
+    # Santoro et al. (2017) train on minibatches of 64, as does the open re-implementation. Here
+    # too the full network over 625 pairs needs the updates: the same module on every cell left
+    # the answer prior within 3 epochs at 64 and crept for 20 at 320 (docs/han-relational.md,
+    # "Batches of 64 on every cell"); an epoch costs about the same.
+    default_batch_size = 64
 
     def __init__(self, backbone: str = "rn_cnn_rgb", num_classes: int | None = None,
                  pretrained=False, stage: int = -1, class_names: list[str] | None = None,
