@@ -122,8 +122,11 @@ def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--epochs", type=int, help="default: the model family's schedule")
     p.add_argument("--schedule", help="family schedule (ProtoPNet: auto, short, paper)")
-    p.add_argument("--batch-size", type=int,
-                   help="default: the family's (64; san, han, cnn_lstm 320)")
+    by_size: dict[int, list[str]] = {}
+    for name in list_models():
+        by_size.setdefault(model_batch_size(name), []).append(name)
+    p.add_argument("--batch-size", type=int, help="default: the family's (" + "; ".join(
+        f"{size}: {', '.join(names)}" for size, names in sorted(by_size.items())) + ")")
     p.add_argument("--lr", type=float, help="default: the model family's learning rates")
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
@@ -182,7 +185,7 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
             **values.get("model_args", {}), "base": base}}
     if values.get("backbone") is None:  # the family's own default, recorded in the run
         values["backbone"] = model_default(family, "backbone")
-    if values.get("batch_size") is None:  # VQA: 320 questions = ~16 scenes, one CNN pass each
+    if values.get("batch_size") is None:  # the family's ZooModel.default_batch_size
         values["batch_size"] = model_batch_size(family)
     values["model_args"] = {**values.get("model_args", {}), **_key_values(args.model_arg,
                                                                           "--model-arg")}
